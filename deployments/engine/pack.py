@@ -52,6 +52,12 @@ def model_dir_of(path: str | Path) -> Path:
     return p
 
 
+def model_name(path: str | Path) -> str | None:
+    """The pack's ``model_name`` from its config (the id clients send), if it has one."""
+    cfg = model_dir_of(path) / CONFIG_FILE
+    return json.loads(cfg.read_text()).get("model_name") if cfg.is_file() else None
+
+
 def load_tokenizer(model_dir: str | Path):
     """The pack's tokenizer, set up the way TransformerLens needs it offline.
 

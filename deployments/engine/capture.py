@@ -1,0 +1,128 @@
+"""ModelRunner: the TransformerLens model, and activation capture at the hooks a request needs.
+
+Capture is batched: prompts of different lengths are right-padded into one forward pass. In a causal
+model a position never attends to later ones, so right padding leaves every real position's activations
+as they would be alone; we slice each prompt back to its own length.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import RequestError
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook_name: str) -> int | None:
+    """The block index a hook lives in; None for hooks outside the blocks (embed, ln_final)."""
+    m = _LAYER_RE.match(hook_name)
+    return int(m.group(1)) if m else None
+
+
+def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
+    """``stop_at_layer`` that still runs every hook in ``hooks`` (None = the whole model)."""
+    stop = 0
+    for h in hooks:
+        layer = hook_layer(h)
+        if layer is None:
+            if h.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")):
+                continue
+            return None  # ln_final / unembed: run everything
+        stop = max(stop, layer + 1)
+    return None if stop >= n_layers else stop
+
+
+@dataclass
+class CaptureRequest:
+    tokens: list[int]
+    hooks: list[str]
+
+
+@dataclass
+class ModelInfo:
+    """What the ingress needs to know about the served model, without holding it."""
+
+    n_layers: int
+    n_ctx: int
+    d_model: int
+    d_vocab: int
+    hook_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-position shape of each hook
+
+
+class ModelRunner:
+    def __init__(self, model, device: str | None = None):
+        self.model = model
+        self.model.eval()
+        self.device = device or str(model.cfg.device)
+        self.tokenizer = model.tokenizer
+        self.pad_id = self._pad_id()
+        self._hook_shapes = self._probe_hook_shapes()
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    @torch.no_grad()
+    def _probe_hook_shapes(self) -> dict[str, list[int]]:
+        """Per-position shapes of every hook point, from one tiny forward pass."""
+        shapes: dict[str, list[int]] = {}
+
+        def record(act, hook):
+            if act.dim() >= 2:
+                shapes[hook.name] = list(act.shape[2:])
+            return act
+
+        toks = torch.tensor([[self.pad_id]], device=self.device)
+        self.model.run_with_hooks(toks, fwd_hooks=[(lambda name: True, record)])
+        return shapes
+
+    def info(self) -> ModelInfo:
+        c = self.model.cfg
+        return ModelInfo(n_layers=c.n_layers, n_ctx=c.n_ctx, d_model=c.d_model, d_vocab=c.d_vocab,
+                         hook_shapes=dict(self._hook_shapes))
+
+    def check_hook(self, hook: str) -> None:
+        if hook not in self._hook_shapes:
+            raise RequestError(f"Unknown hook: {hook}. Hooks look like blocks.0.hook_resid_post")
+
+    @torch.no_grad()
+    def capture(self, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
+        """Activations at each request's hooks, ``{hook: float32 [len, ...]}`` per request, in one pass."""
+        if not requests:
+            return []
+        hooks = sorted({h for r in requests for h in r.hooks})
+        for h in hooks:
+            self.check_hook(h)
+        lengths = [len(r.tokens) for r in requests]
+        if min(lengths) == 0:
+            raise RequestError("Cannot run the model on an empty token list")
+        batch = torch.full((len(requests), max(lengths)), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(requests):
+            batch[i, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+        _, cache = self.model.run_with_cache(
+            batch.to(self.device),
+            names_filter=lambda name: name in hooks,
+            stop_at_layer=stop_layer_for(hooks, self.model.cfg.n_layers),
+            return_cache_object=False,
+        )
+        host = {h: cache[h].float().cpu().numpy() for h in hooks}
+        return [{h: _unpad(h, host[h][i], n) for h in r.hooks} for i, (r, n) in enumerate(zip(requests, lengths))]
+
+
+def is_attention_map(hook: str) -> bool:
+    """Hooks shaped [head, query, key] per prompt rather than [pos, ...]."""
+    return hook.endswith(("hook_pattern", "hook_attn_scores"))
+
+
+def _unpad(hook: str, act: np.ndarray, n: int) -> np.ndarray:
+    if is_attention_map(hook):
+        return np.ascontiguousarray(act[:, :n, :n])
+    return np.ascontiguousarray(act[:n])

@@ -1,0 +1,149 @@
+"""SAE feature math: encode, one feature's values, ranking/top-k across positions, sparse entries.
+
+Everything takes an SAE Lens SAE (already ``fold_W_dec_norm``-ed at load) and captured activations as
+numpy arrays; dense ``[seq, d_sae]`` results stay inside the caller (the SAEShard replica) and only the
+top-k rows leave it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import RequestError
+
+
+@dataclass
+class FeatureActivation:
+    """One feature's activations over a prompt (a row of activation/all)."""
+
+    index: int
+    values: list[float]
+    max_value: float
+    max_value_index: int
+    sum_values: float
+
+    def score(self, by_sum: bool) -> float:
+        return self.sum_values if by_sum else self.max_value
+
+
+@torch.no_grad()
+def encode(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Feature activations ``[seq, d_sae]`` (float32) for activations ``[seq, d_in]`` (or ``[seq, heads, d_head]``)."""
+    x = torch.as_tensor(acts).to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+    return sae.encode(x).float()
+
+
+def _first_argmax(values: torch.Tensor) -> tuple[float, int]:
+    if values.numel() == 0:
+        return 0.0, 0
+    m = values.max()
+    idx = int(torch.nonzero(values == m)[0, 0])  # first argmax, explicitly
+    return float(m), idx
+
+
+def check_index(index: int, d_sae: int, source: str) -> None:
+    if not 0 <= index < d_sae:
+        raise RequestError(f"Feature index {index} is out of range for {source}: it has {d_sae} features (0..{d_sae - 1})")
+
+
+def single_feature(feats: torch.Tensor, index: int, zero_positions: list[int], drop_first: bool) -> FeatureActivation:
+    """activation/single (SAE path): zero the given (BOS) positions, then drop position 0 if asked."""
+    col = feats[:, index].clone()
+    if zero_positions:
+        col[zero_positions] = 0
+    if drop_first:
+        col = col[1:]
+    mx, at = _first_argmax(col)
+    return FeatureActivation(index=index, values=col.tolist(), max_value=mx, max_value_index=at, sum_values=0.0)
+
+
+def vector_projection(acts: np.ndarray, vector: list[float]) -> FeatureActivation:
+    """activation/single (vector path): ``acts @ vector``, unnormalised."""
+    a = torch.as_tensor(acts).float()
+    v = torch.tensor(vector, dtype=torch.float32)
+    if a.shape[-1] != v.shape[0]:
+        raise RequestError(f"Vector has length {v.shape[0]} but the hook's activations have width {a.shape[-1]}")
+    col = a.reshape(a.shape[0], -1) @ v
+    mx, at = _first_argmax(col)
+    return FeatureActivation(index=0, values=col.tolist(), max_value=mx, max_value_index=at, sum_values=0.0)
+
+
+def check_sort_indexes(sort_by_token_indexes: list[int], n_tokens: int) -> None:
+    bad = [i for i in sort_by_token_indexes if not 0 <= i < n_tokens]
+    if bad:
+        raise RequestError(
+            f"sort_by_token_indexes {bad} out of range: the prompt has {n_tokens} tokens (indexes 0..{n_tokens - 1})"
+        )
+
+
+def rank_features(
+    feats: torch.Tensor,
+    num_results: int,
+    sort_by_token_indexes: list[int] | None = None,
+    ignore_bos: bool = False,
+    feature_filter: list[int] | None = None,
+) -> list[FeatureActivation]:
+    """The top ``num_results`` features of one SAE on one prompt, best first.
+
+    Sorted by max over positions, or by the sum over ``sort_by_token_indexes`` when given; ties keep
+    feature-index order (stable sort), which is what the cross-source merge relies on.
+    """
+    sort_idx = list(sort_by_token_indexes or [])
+    check_sort_indexes(sort_idx, feats.shape[0])
+    by_pos = feats.T  # [d_sae, seq]
+    if ignore_bos and by_pos.shape[1] > 0:
+        by_pos = by_pos.clone()
+        by_pos[:, 0] = 0
+    candidates = None
+    if feature_filter is not None:
+        candidates = torch.tensor(sorted(set(feature_filter)), dtype=torch.long)
+        by_pos = by_pos[candidates]
+    if by_pos.shape[1] == 0:
+        max_values = torch.zeros(by_pos.shape[0])
+        max_index = torch.zeros(by_pos.shape[0], dtype=torch.long)
+    else:
+        max_values, _ = by_pos.max(dim=1)
+        # first argmax: the earliest position equal to the max
+        max_index = (by_pos == max_values[:, None]).float().argmax(dim=1)
+    sums = by_pos[:, sort_idx].sum(dim=1) if sort_idx else torch.zeros_like(max_values)
+    key = sums if sort_idx else max_values
+    order = torch.sort(key, descending=True, stable=True).indices[:num_results]
+    rows = by_pos[order]
+    feature_ids = candidates[order] if candidates is not None else order
+    return [
+        FeatureActivation(index=int(f), values=r, max_value=float(mv), max_value_index=int(mi), sum_values=float(sv))
+        for f, r, mv, mi, sv in zip(
+            feature_ids.tolist(), rows.tolist(), max_values[order].tolist(), max_index[order].tolist(), sums[order].tolist()
+        )
+    ]
+
+
+def topk_by_token(feats: torch.Tensor, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Per position, the ``top_k`` features (index order among equal values)."""
+    k = max(1, min(top_k, feats.shape[1]))
+    order = torch.sort(feats, dim=1, descending=True, stable=True)
+    return order.indices[:, :k].tolist(), order.values[:, :k].tolist()
+
+
+def active_entries(feats: torch.Tensor, skip_positions: int = 1) -> dict[str, list[list[float]]]:
+    """``{"<feature>": [[token_index, value], ...]}`` for every non-zero activation past the first positions."""
+    nz = torch.nonzero(feats[skip_positions:])
+    out: dict[str, list[list[float]]] = {}
+    if nz.numel() == 0:
+        return out
+    pos = nz[:, 0] + skip_positions
+    feat = nz[:, 1]
+    vals = feats[pos, feat]
+    for p, f, v in zip(pos.tolist(), feat.tolist(), vals.tolist()):
+        out.setdefault(str(f), []).append([p, v])
+    return out
+
+
+def merge_ranked(per_source: list[list[FeatureActivation]], num_results: int, by_sum: bool) -> list[tuple[int, FeatureActivation]]:
+    """Merge per-source rankings: score descending, ties by source order then feature index."""
+    flat = [(src, row) for src, rows in enumerate(per_source) for row in rows]
+    flat.sort(key=lambda sr: (-sr[1].score(by_sum), sr[0], sr[1].index))
+    return flat[:num_results]

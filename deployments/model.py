@@ -1,0 +1,51 @@
+"""ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner.
+
+Concurrent capture requests are batched into one forward pass (``@serve.batch``); the forward pass runs in
+a worker thread so the replica keeps answering health checks and describe() while it computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from ray import serve
+
+from deployments.engine.capture import CaptureRequest, ModelRunner
+from deployments.engine.loading import load_model, resolve_device
+
+log = logging.getLogger("saeserve.model")
+
+
+@serve.deployment(
+    name="ModelDeployment",
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    health_check_period_s=10,
+)
+class ModelDeployment:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
+                 capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005):
+        self.device = resolve_device(device)
+        self.runner = ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device)
+        self._capture_batch.set_max_batch_size(capture_batch_size)
+        self._capture_batch.set_batch_wait_timeout_s(capture_batch_wait_s)
+
+    async def describe(self) -> dict:
+        """The model's shape and its tokenizer (the ingress tokenises with this very object)."""
+        return {"info": self.runner.info(), "tokenizer": self.runner.tokenizer}
+
+    async def capture(self, tokens: list[int], hooks: list[str]) -> dict[str, np.ndarray]:
+        for h in hooks:
+            self.runner.check_hook(h)  # fail this request alone, before it joins a batch
+        return await self._capture_batch(CaptureRequest(tokens=tokens, hooks=hooks))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _capture_batch(self, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
+        return await asyncio.to_thread(self.runner.capture, requests)
+
+    def check_health(self) -> None:
+        if self.runner.model is None:
+            raise RuntimeError("model is not loaded")

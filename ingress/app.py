@@ -1,0 +1,101 @@
+"""The application: FastAPI app, the SAEServeIngress deployment (routing only), and ``build_app``.
+
+    serve run serve_config.yaml                      # args from the file
+    serve run ingress.app:build_app model=models/demo-lm sae_sets='[res-demo]'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from deployments.engine.loading import SAESpec, resolve_sae_specs
+from deployments.model import ModelDeployment
+from deployments.sae_shard import SAEShard
+
+from . import schemas as S
+from .args import AppArgs, resolve_model_path
+from .auth import install_auth
+from .errors import install_error_handlers
+from .routes import activation, current, install
+from .service import SAEService
+
+log = logging.getLogger("saeserve.ingress")
+
+app = FastAPI(
+    title="saeserve",
+    description="Sparse-autoencoder interpretability inference (Neuronpedia inference API v1) on Ray Serve.",
+    version="0.1.0",
+)
+install_error_handlers(app)
+install_auth(app)
+app.include_router(activation.router)
+
+
+@app.get("/health", response_model=S.HealthResponse, responses={503: {"model": S.HealthResponse}})
+async def health():
+    svc: SAEService = current.service
+    try:
+        await asyncio.wait_for(svc.ensure_ready(), timeout=5)
+    except Exception:
+        return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
+    return {"status": "healthy"}
+
+
+@serve.deployment(
+    name="SAEServeIngress",
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64},
+)
+@serve.ingress(app)
+class SAEServeIngress:
+    """Routes HTTP and handle calls. Methods below are the Python surface for Ray jobs:
+    ``serve.get_app_handle("saeserve").activation_all.remote(ActivationAllRequest(...))``."""
+
+    def __init__(self, args: dict, specs: list[dict], model_handle, sae_handle):
+        a = AppArgs.model_validate(args)
+        self.service = SAEService(a, [SAESpec(**s) for s in specs], model_handle, sae_handle)
+        install(self.service, a.resolved_secret())
+
+    async def tokenize(self, req: S.TokenizeRequest) -> S.TokenizeResponse:
+        return await self.service.tokenize(req)
+
+    async def activation_single(self, req: S.ActivationSingleRequest) -> S.ActivationSingleResponse:
+        return await self.service.activation_single(req)
+
+    async def activation_single_batch(self, req: S.ActivationSingleBatchRequest) -> S.ActivationSingleBatchResponse:
+        return await self.service.activation_single_batch(req)
+
+    async def activation_all(self, req: S.ActivationAllRequest) -> S.ActivationAllResponse:
+        return await self.service.activation_all(req)
+
+    async def activation_all_batch(self, req: S.ActivationAllBatchRequest) -> S.ActivationAllBatchResponse:
+        return await self.service.activation_all_batch(req)
+
+    async def activation_topk_by_token(self, req: S.ActivationTopkByTokenRequest) -> S.ActivationTopkByTokenResponse:
+        return await self.service.activation_topk_by_token(req)
+
+    async def activation_topk_by_token_batch(self, req: S.ActivationTopkByTokenBatchRequest) -> S.ActivationTopkByTokenBatchResponse:
+        return await self.service.activation_topk_by_token_batch(req)
+
+    async def activation_source(self, req: S.ActivationSourceRequest) -> S.ActivationSourceResponse:
+        return await self.service.activation_source(req)
+
+
+def build_app(args: AppArgs) -> Application:
+    """Typed app builder: ``serve_config.yaml``'s ``args`` arrive validated as AppArgs."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    model_path = resolve_model_path(args.model)
+    specs = resolve_sae_specs(model_path, args.sae_sets, args.sae_dirs, args.include_sae, args.exclude_sae)
+    log.info("building saeserve: model %s, %d SAEs", model_path, len(specs))
+    model = ModelDeployment.bind(model_path, args.device, args.model_dtype, args.override_model_id,
+                                 args.capture_batch_size, args.capture_batch_wait_s)
+    shard = SAEShard.bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes)
+    return SAEServeIngress.bind(args.model_dump(), [s.to_dict() for s in specs], model, shard)

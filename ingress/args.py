@@ -1,0 +1,75 @@
+"""AppArgs: the one configuration object, from serve_config.yaml ``args``, the CLI, or Python."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployments.engine import pack
+from deployments.engine.loading import DTYPES, local_path
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class AppArgs(BaseModel):
+    """How to build the application. Unknown keys are errors: a misspelt option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("models/demo-lm", description="TransformerLens model name, or a local pack directory")
+    model_id: Optional[str] = Field(None, description="Id clients send as `model` (default: the pack's model_name, or the model name)")
+    override_model_id: Optional[str] = Field(None, description="Load these weights instead (e.g. an -it model under base-model SAEs); also accepted as `model`")
+    sae_sets: list[str] = Field(default_factory=list, description="SAE sets to serve (pack sets or Neuronpedia set names)")
+    sae_dirs: list[str] = Field(default_factory=list, description="Extra local SAE Lens directories, served as '<dir>-<parent dir>'")
+    include_sae: list[str] = Field(default_factory=list, description="Serve only SAE ids matching one of these regexes")
+    exclude_sae: list[str] = Field(default_factory=list, description="Do not serve SAE ids matching any of these regexes")
+    model_dtype: DType = "float32"
+    sae_dtype: DType = "float32"
+    device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    token_limit: int = Field(200, ge=1, description="Most tokens in one prompt (after BOS/chat template); also capped by the model's n_ctx")
+    max_batch_prompts: int = Field(16, ge=1, description="Most prompts in one *-batch request")
+    max_num_results: int = Field(1000, ge=1, description="Cap on activation/all num_results")
+    max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token top_k")
+    max_loaded_saes: int = Field(64, ge=1, description="Most SAEs resident in one SAEShard replica (LRU)")
+    secret: Optional[str] = Field(None, description="If set (or env SECRET), requests need X-SECRET-KEY", repr=False)
+    capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
+    capture_batch_wait_s: float = Field(0.005, ge=0, description="How long a forward pass waits to fill its batch")
+
+    @field_validator("model_dtype", "sae_dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        assert v in DTYPES
+        return v
+
+    @property
+    def served_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        path = local_path(self.model)
+        if path is None:
+            return self.model
+        return pack.model_name(path) or path.name
+
+    def accepted_model_ids(self) -> set[str]:
+        ids = {self.served_model_id}
+        if self.override_model_id:
+            ids.add(self.override_model_id)
+        return ids
+
+    def resolved_secret(self) -> Optional[str]:
+        return self.secret or os.environ.get("SECRET") or None
+
+    def public_dict(self) -> dict:
+        """For logs and /v1/capabilities: never the secret."""
+        return self.model_dump(exclude={"secret"})
+
+
+def resolve_model_path(model: str) -> str:
+    """Absolute path for a local pack (replicas may run elsewhere); a model name unchanged."""
+    p = local_path(model)
+    return str(p) if p is not None else model
+
+
+__all__ = ["AppArgs", "resolve_model_path"]
