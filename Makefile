@@ -1,0 +1,23 @@
+# saeserve: set-up, serve, test. Every target creates the virtual environment first if needed.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv serve test
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first, pinned: 2.13.0 is a CPU wheel; an open range would pull a multi-GB CUDA build.
+	$(BIN)/pip install --compile -q torch==2.13.0
+	$(BIN)/pip install --compile -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+# Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
+serve: venv
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/serve run serve_config.yaml
+
+test: venv
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests

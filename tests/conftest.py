@@ -1,0 +1,30 @@
+"""Test-wide settings: offline, no Ray auth, the pack under test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `tests.reference`, `scripts.*`
+
+import pytest  # noqa: E402
+
+
+def demo_pack_dir() -> Path:
+    """The committed demo pack (override with SAESERVE_TEST_PACK to try another pack)."""
+    return Path(os.environ.get("SAESERVE_TEST_PACK", REPO / "models" / "demo-lm")).resolve()
+
+
+@pytest.fixture(scope="session")
+def pack_dir() -> Path:
+    d = demo_pack_dir()
+    assert (d / "model" / "config.json").is_file(), f"demo pack missing at {d}"
+    return d

@@ -1,0 +1,75 @@
+"""One Ray session for the whole test run, and the real app served on it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+SECRET = "test-secret-Zq81"
+MODEL_ID = "demo-lm"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_session, pack_dir):
+    """The real application (build_app + serve.run) on the demo pack, with auth on. Yields the base URL."""
+    from ray import serve
+
+    from ingress.app import build_app
+    from ingress.args import AppArgs
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=SECRET, token_limit=64, max_batch_prompts=4)
+    serve.run(build_app(args), name="saeserve", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("service did not become healthy")
+    yield base
+
+
+@pytest.fixture(scope="session")
+def http(serve_app):
+    with httpx.Client(base_url=serve_app, timeout=60, headers={"X-SECRET-KEY": SECRET}) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def np_client(serve_app):
+    """The published neuronpedia-inference-client 1.10.1, pointed at the served app."""
+    from neuronpedia_inference_client import ApiClient, Configuration, DefaultApi
+
+    cfg = Configuration(host=f"{serve_app}/v1", api_key={"SimpleSecretAuth": SECRET})
+    with ApiClient(cfg) as api:
+        yield DefaultApi(api)
