@@ -12,9 +12,11 @@ import logging
 import time
 
 import numpy as np
+import torch
 from ray import serve
 
 from deployments.engine import features as F
+from deployments.engine import geometry as G
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
 
@@ -26,6 +28,13 @@ class LoadedSAE:
         self.spec = spec
         self.sae = sae
         self.nbytes = sae_nbytes(sae)
+        self._decoder_index: G.DecoderIndex | None = None
+
+    @property
+    def decoder_index(self) -> G.DecoderIndex:
+        if self._decoder_index is None:  # built on first cosine query, kept while the SAE is resident
+            self._decoder_index = G.DecoderIndex(self.sae.W_dec)
+        return self._decoder_index
 
 
 @serve.deployment(
@@ -84,6 +93,22 @@ class SAEShard:
     async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
         s = await self._sae()
         return await asyncio.to_thread(lambda: F.active_entries(F.encode(s.sae, acts), skip_positions))
+
+    async def vectors(self, indices: list[int]) -> np.ndarray:
+        """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""
+        s = await self._sae()
+        for i in indices:
+            F.check_index(i, s.spec.d_sae, s.spec.id)
+        return G.decoder_rows(s.sae.W_dec, indices).numpy()
+
+    async def encoder_vector(self, index: int) -> list[float]:
+        s = await self._sae()
+        F.check_index(index, s.spec.d_sae, s.spec.id)
+        return G.encoder_vector(s.sae.W_enc, index)
+
+    async def top_cosine(self, query: np.ndarray, num_results: int) -> tuple[list[int], list[float]]:
+        s = await self._sae()
+        return await asyncio.to_thread(s.decoder_index.top_cosine, torch.as_tensor(query), num_results)
 
     async def metrics(self) -> dict:
         return dict(self.stats)
