@@ -22,7 +22,7 @@ from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import install_auth
 from .errors import install_error_handlers
-from .routes import activation, current, install
+from .routes import activation, current, install, legacy, util
 from .service import SAEService
 
 log = logging.getLogger("saeserve.ingress")
@@ -35,6 +35,8 @@ app = FastAPI(
 install_error_handlers(app)
 install_auth(app)
 app.include_router(activation.router)
+app.include_router(util.router)
+app.include_router(legacy.router)
 
 
 @app.get("/health", response_model=S.HealthResponse, responses={503: {"model": S.HealthResponse}})
@@ -86,6 +88,12 @@ class SAEServeIngress:
 
     async def activation_source(self, req: S.ActivationSourceRequest) -> S.ActivationSourceResponse:
         return await self.service.activation_source(req)
+
+    async def util_sae_topk_by_decoder_cossim(self, req: S.UtilSaeTopkByDecoderCossimRequest) -> S.UtilSaeTopkByDecoderCossimResponse:
+        return await self.service.util_topk_by_decoder_cossim(req)
+
+    async def util_sae_vector(self, req: S.UtilSaeVectorRequest) -> S.UtilSaeVectorResponse:
+        return await self.service.util_sae_vector(req)
 
 
 def build_app(args: AppArgs) -> Application:

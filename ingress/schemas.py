@@ -199,6 +199,123 @@ class NPFeature(Wire):
     index: StrictInt
 
 
+# --- util: decoder geometry ---------------------------------------------------------------------------
+
+
+class UtilSaeTopkByDecoderCossimRequest(Wire):
+    feature: Optional[NPFeature] = None
+    vector: Optional[list[Number]] = None
+    model: StrictStr
+    source: StrictStr
+    num_results: StrictInt
+
+
+class CossimFeature(Wire):
+    feature: Optional[NPFeature] = None
+    cosine_similarity: Optional[float] = None
+
+
+class UtilSaeTopkByDecoderCossimResponse(Wire):
+    feature: Optional[NPFeature] = None
+    topk_decoder_cossim_features: Optional[list[CossimFeature]] = None
+
+
+class UtilSaeVectorRequest(Wire):
+    model: StrictStr
+    source: StrictStr
+    index: StrictInt
+
+
+class UtilSaeVectorResponse(Wire):
+    vector: list[float]
+    hook_name: str = Field(alias="hookName")
+
+
+# --- capabilities ------------------------------------------------------------------------------------
+
+
+class SAEInfo(Wire):
+    id: str
+    set: str
+    hook_name: str
+    d_in: int
+    d_sae: int
+    architecture: str
+
+
+class CapabilitiesResponse(Wire):
+    model: str
+    accepted_model_ids: list[str]
+    n_layers: int
+    n_ctx: int
+    d_model: int
+    sae_sets: dict[str, list[str]]
+    saes: list[SAEInfo]
+    limits: dict[str, int]
+    routes: list[str]
+    steer_methods: list[str]
+
+
+# --- legacy routes (the original README's; secret in the body, camelCase output) -------------------------
+
+
+class LegacyActivationsTestRequest(Wire):
+    text: StrictStr
+    model: StrictStr
+    layer: StrictStr
+    index: Union[StrictStr, StrictInt]
+    secret: Optional[StrictStr] = None
+
+
+class LegacyActivation(Wire):
+    index: int
+    layer: str
+    maxValue: float
+    maxValueIndex: int
+    values: list[float]
+    sumValues: Optional[float] = None
+
+
+class LegacyActivationsTestResponse(Wire):
+    activations: LegacyActivation
+    tokens: list[str]
+
+
+class LegacyActivationsAllRequest(Wire):
+    text: StrictStr
+    model: StrictStr
+    source_set: StrictStr
+    selected_layers: list[StrictStr] = Field(default_factory=list)
+    secret: Optional[StrictStr] = None
+    sort_indexes: list[StrictInt] = Field(default_factory=list)
+    ignore_bos: StrictBool = True
+    num_results: Optional[StrictInt] = 25
+    feature_filter: Optional[list[StrictInt]] = None
+
+
+class LegacyActivationsAllResponse(Wire):
+    activations: list[LegacyActivation]
+    tokens: list[str]
+
+
+class LegacyCossimRequest(Wire):
+    sae_id: StrictStr
+    feature_id: StrictInt
+    model: StrictStr
+    k: StrictInt = 10
+    secret: Optional[StrictStr] = None
+
+
+class LegacyCossimFeature(Wire):
+    cosine_similarity: float
+    index: int
+
+
+class LegacyCossimResponse(Wire):
+    feature_id: int
+    top_k_features: list[LegacyCossimFeature]
+
+
 class SteerType(str, Enum):
     STEERED = "STEERED"
     DEFAULT = "DEFAULT"

@@ -307,3 +307,124 @@ class SAEService:
         await self.ensure_ready()
         results = await asyncio.gather(*(self._source(p, spec) for p in req.prompts))
         return S.ActivationSourceResponse(results=list(results))
+
+    # --- util: decoder geometry ----------------------------------------------------------------------
+
+    async def util_topk_by_decoder_cossim(self, req: S.UtilSaeTopkByDecoderCossimRequest) -> S.UtilSaeTopkByDecoderCossimResponse:
+        self.check_model(req.model)
+        if (req.feature is None) == (req.vector is None):
+            raise RequestError("Send exactly one of feature or vector")
+        target = self.spec(req.source)
+        if req.num_results < 0:
+            raise RequestError(f"num_results must be at least 0, got {req.num_results}")
+        if req.feature is not None:
+            self.check_model(req.feature.model)
+            src = self.spec(req.feature.source)
+            F.check_index(req.feature.index, src.d_sae, src.id)
+            query = (await self._call(self.on_shard(src.id).vectors.remote([req.feature.index])))[0]
+        else:
+            self.check_finite(req.vector, "vector")
+            if len(req.vector) != target.d_in:
+                raise RequestError(f"vector has length {len(req.vector)} but {target.id}'s decoder rows have length {target.d_in}")
+            query = [float(v) for v in req.vector]
+        if len(query) != target.d_in:
+            raise RequestError(f"{req.feature.source} and {target.id} live in different spaces ({len(query)} vs {target.d_in})")
+        idx, cos = await self._call(self.on_shard(target.id).top_cosine.remote(query, req.num_results))
+        model = self.args.served_model_id
+        return S.UtilSaeTopkByDecoderCossimResponse(
+            feature=req.feature,
+            topk_decoder_cossim_features=[
+                S.CossimFeature(feature=S.NPFeature(model=model, source=target.id, index=i), cosine_similarity=c)
+                for i, c in zip(idx, cos)
+            ],
+        )
+
+    async def util_sae_vector(self, req: S.UtilSaeVectorRequest) -> S.UtilSaeVectorResponse:
+        self.check_model(req.model)
+        spec = self.spec(req.source)
+        F.check_index(req.index, spec.d_sae, spec.id)
+        vec = await self._call(self.on_shard(spec.id).encoder_vector.remote(req.index))
+        return S.UtilSaeVectorResponse(vector=vec, hook_name=spec.hook_name)
+
+    # --- capabilities --------------------------------------------------------------------------------
+
+    async def capabilities(self, routes: list[str]) -> S.CapabilitiesResponse:
+        """What this deployment serves; ``routes`` are the app's paths (the caller knows the app)."""
+        await self.ensure_ready()
+        a = self.args
+        return S.CapabilitiesResponse(
+            model=a.served_model_id,
+            accepted_model_ids=sorted(self.model_ids),
+            n_layers=self.info.n_layers,
+            n_ctx=self.info.n_ctx,
+            d_model=self.info.d_model,
+            sae_sets={k: [s.id for s in v] for k, v in self.sets.items()},
+            saes=[S.SAEInfo(id=s.id, set=s.set_name, hook_name=s.hook_name, d_in=s.d_in, d_sae=s.d_sae,
+                            architecture=s.architecture) for s in self.specs.values()],
+            limits={"token_limit": self.token_limit, "max_batch_prompts": a.max_batch_prompts,
+                    "max_num_results": a.max_num_results, "max_top_k": a.max_top_k,
+                    "max_loaded_saes_per_replica": a.max_loaded_saes},
+            routes=sorted(routes),
+            steer_methods=[m.value for m in S.SteerMethod] if any(r.startswith("/v1/steer") for r in routes) else [],
+        )
+
+    # --- legacy routes -------------------------------------------------------------------------------
+
+    def check_body_secret(self, given: str | None) -> None:
+        import hmac
+
+        secret = self.args.resolved_secret()
+        if secret and not (given is not None and hmac.compare_digest(given.encode(), secret.encode())):
+            raise RequestError("Invalid or missing secret", 401)
+
+    async def legacy_activations_test(self, req: S.LegacyActivationsTestRequest) -> S.LegacyActivationsTestResponse:
+        self.check_body_secret(req.secret)
+        self.check_model(req.model)
+        spec = self.spec(req.layer)
+        try:
+            idx = int(req.index)
+        except ValueError:
+            raise RequestError(f"index must be an integer feature index, got {req.index!r}") from None
+        F.check_index(idx, spec.d_sae, spec.id)
+        await self.ensure_ready()
+        tok = self.feature_tokens(req.text)
+        acts = await self.capture(tok.ids, [spec.hook_name])
+        bos = self.tokenizer.bos_token_id
+        zero = [i for i, t in enumerate(tok.ids) if t == bos]
+        res = await self._call(self.on_shard(spec.id).single.remote(acts[spec.hook_name], idx, zero, False))
+        return S.LegacyActivationsTestResponse(
+            activations=S.LegacyActivation(index=idx, layer=spec.id, maxValue=res.max_value,
+                                           maxValueIndex=res.max_value_index, values=res.values),
+            tokens=tok.strs,
+        )
+
+    async def legacy_activations_all(self, req: S.LegacyActivationsAllRequest) -> S.LegacyActivationsAllResponse:
+        self.check_body_secret(req.secret)
+        self.check_model(req.model)
+        chosen = self._all_sources(req.source_set, req.selected_layers, req.feature_filter)
+        n = self._num_results(req.num_results)
+        if req.feature_filter is not None:
+            n = max(len(set(req.feature_filter)), 1)  # "returns only those features": all of them
+        await self.ensure_ready()
+        r = await self._all(req.text, chosen, n, req.sort_indexes, req.ignore_bos, req.feature_filter)
+        return S.LegacyActivationsAllResponse(
+            activations=[
+                S.LegacyActivation(index=a.index, layer=a.source, maxValue=a.max_value, maxValueIndex=a.max_value_index,
+                                   values=a.values, sumValues=a.sum_values)
+                for a in r.activations
+            ],
+            tokens=r.tokens,
+        )
+
+    async def legacy_topk_by_decoder_cossim(self, req: S.LegacyCossimRequest) -> S.LegacyCossimResponse:
+        self.check_body_secret(req.secret)
+        model = self.args.served_model_id if req.model in self.model_ids else req.model
+        r = await self.util_topk_by_decoder_cossim(S.UtilSaeTopkByDecoderCossimRequest(
+            feature=S.NPFeature(model=model, source=req.sae_id, index=req.feature_id),
+            model=req.model, source=req.sae_id, num_results=req.k,
+        ))
+        return S.LegacyCossimResponse(
+            feature_id=req.feature_id,
+            top_k_features=[S.LegacyCossimFeature(cosine_similarity=f.cosine_similarity, index=f.feature.index)
+                            for f in r.topk_decoder_cossim_features],
+        )
