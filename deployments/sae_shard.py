@@ -72,19 +72,36 @@ class SAEShard:
         self.stats["requests"] += 1
         return await self._get(serve.get_multiplexed_model_id())
 
-    async def single(self, acts: np.ndarray, index: int, zero_positions: list[int], drop_first: bool) -> F.FeatureActivation:
+    async def single(self, acts: np.ndarray, index: int, zero_positions: list[int], drop_first: bool,
+                     dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> F.FeatureActivation:
         s = await self._sae()
         F.check_index(index, s.spec.d_sae, s.spec.id)
-        return await asyncio.to_thread(lambda: F.single_feature(F.encode(s.sae, acts), index, zero_positions, drop_first))
+
+        def run() -> F.FeatureActivation:
+            row = F.single_feature(F.encode(s.sae, acts), index, zero_positions, drop_first)
+            if dfa_inputs is not None:
+                offset = 1 if drop_first else 0  # DFA in the same coordinates as ``values``
+                full = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, index, row.max_value_index + offset)
+                row.dfa_values = full[offset:]
+            return row
+
+        return await asyncio.to_thread(run)
 
     async def rank(self, acts: np.ndarray, num_results: int, sort_by_token_indexes: list[int], ignore_bos: bool,
-                   feature_filter: list[int] | None) -> list[F.FeatureActivation]:
+                   feature_filter: list[int] | None, dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+                   ) -> list[F.FeatureActivation]:
         s = await self._sae()
         for i in feature_filter or []:
             F.check_index(i, s.spec.d_sae, s.spec.id)
-        return await asyncio.to_thread(
-            lambda: F.rank_features(F.encode(s.sae, acts), num_results, sort_by_token_indexes, ignore_bos, feature_filter)
-        )
+
+        def run() -> list[F.FeatureActivation]:
+            rows = F.rank_features(F.encode(s.sae, acts), num_results, sort_by_token_indexes, ignore_bos, feature_filter)
+            if dfa_inputs is not None:
+                for row in rows:
+                    row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, row.index, row.max_value_index)
+            return rows
+
+        return await asyncio.to_thread(run)
 
     async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
         s = await self._sae()

@@ -105,6 +105,23 @@ class SAEService:
     def starts_with_bos(self, ids: list[int]) -> bool:
         return bool(ids) and ids[0] == self.tokenizer.bos_token_id
 
+    @staticmethod
+    def hooks_for(specs: list[SAESpec]) -> list[str]:
+        """Hooks to capture for these SAEs: each one's own, plus values and pattern for attention-output SAEs (DFA)."""
+        hooks: list[str] = []
+        for s in specs:
+            hooks.append(s.hook_name)
+            if F.is_attention_output_hook(s.hook_name):
+                hooks.extend(F.dfa_hooks(s.hook_name))
+        return list(dict.fromkeys(hooks))
+
+    @staticmethod
+    def dfa_inputs(spec: SAESpec, acts: dict):
+        if not F.is_attention_output_hook(spec.hook_name):
+            return None
+        v, pattern = F.dfa_hooks(spec.hook_name)
+        return acts[v], acts[pattern]
+
     async def capture(self, ids: list[int], hooks: list[str]) -> dict:
         return await self._call(self.model.capture.remote(ids, hooks))
 
@@ -143,11 +160,11 @@ class SAEService:
                 raise RequestError(f"index must be an integer feature index, got {index!r}") from None
             F.check_index(idx, spec.d_sae, spec.id)
             tok = self.feature_tokens(prompt)
-            acts = await self.capture(tok.ids, [spec.hook_name])
+            acts = await self.capture(tok.ids, self.hooks_for([spec]))
             bos = self.tokenizer.bos_token_id
             zero = [i for i, t in enumerate(tok.ids) if t == bos]
             drop = self.starts_with_bos(tok.ids)
-            res = await self._call(self.on_shard(spec.id).single.remote(acts[spec.hook_name], idx, zero, drop))
+            res = await self._call(self.on_shard(spec.id).single.remote(acts[spec.hook_name], idx, zero, drop, self.dfa_inputs(spec, acts)))
             strs, special = (tok.strs[1:], tok.special[1:]) if drop else (tok.strs, tok.special)
         else:
             shape = self.info.hook_shapes.get(hook)
@@ -165,8 +182,11 @@ class SAEService:
             acts = await self.capture(ids, [hook])
             res = F.vector_projection(acts[hook], [float(v) for v in vector])
             strs, special = tok.strs, tok.special
+        dfa = {}
+        if res.dfa_values is not None:
+            dfa = dict(dfa_values=res.dfa_values, dfa_target_index=res.max_value_index, dfa_max_value=res.dfa_max_value)
         return S.ActivationSingleResponse(
-            activation=S.ActivationValues(values=res.values, max_value=res.max_value, max_value_index=res.max_value_index),
+            activation=S.ActivationValues(values=res.values, max_value=res.max_value, max_value_index=res.max_value_index, **dfa),
             tokens=strs,
             tokens_is_special=special,
         )
@@ -218,18 +238,20 @@ class SAEService:
                    feature_filter) -> S.ActivationAllResponse:
         tok = self.feature_tokens(prompt)
         F.check_sort_indexes(sort_idx, len(tok.ids))
-        hooks = list(dict.fromkeys(s.hook_name for s in chosen))
-        acts = await self.capture(tok.ids, hooks)
+        acts = await self.capture(tok.ids, self.hooks_for(chosen))
         zero_bos = ignore_bos and self.starts_with_bos(tok.ids)
         per_source = await asyncio.gather(*(
-            self._call(self.on_shard(s.id).rank.remote(acts[s.hook_name], num_results, sort_idx, zero_bos, feature_filter))
+            self._call(self.on_shard(s.id).rank.remote(acts[s.hook_name], num_results, sort_idx, zero_bos, feature_filter,
+                                                       self.dfa_inputs(s, acts)))
             for s in chosen
         ))
         merged = F.merge_ranked(list(per_source), num_results, by_sum=bool(sort_idx))
         return S.ActivationAllResponse(
             activations=[
                 S.ActivationAllFeature(source=chosen[src].id, index=r.index, values=r.values, sum_values=r.sum_values,
-                                       max_value=r.max_value, max_value_index=r.max_value_index)
+                                       max_value=r.max_value, max_value_index=r.max_value_index, dfa_values=r.dfa_values,
+                                       dfa_target_index=r.max_value_index if r.dfa_values is not None else None,
+                                       dfa_max_value=r.dfa_max_value)
                 for src, r in merged
             ],
             tokens=tok.strs,

@@ -24,6 +24,11 @@ class FeatureActivation:
     max_value: float
     max_value_index: int
     sum_values: float
+    dfa_values: list[float] | None = None  # attention-output SAEs only
+
+    @property
+    def dfa_max_value(self) -> float | None:
+        return max(self.dfa_values) if self.dfa_values else None
 
     def score(self, by_sum: bool) -> float:
         return self.sum_values if by_sum else self.max_value
@@ -33,6 +38,10 @@ class FeatureActivation:
 def encode(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Feature activations ``[seq, d_sae]`` (float32) for activations ``[seq, d_in]`` (or ``[seq, heads, d_head]``)."""
     x = torch.as_tensor(acts).to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+    d_in = sae.W_enc.shape[0]
+    if (x.dim() == 3 and x.shape[-1] != d_in and x.shape[-2] * x.shape[-1] == d_in
+            and not getattr(sae, "hook_z_reshaping_mode", False)):
+        x = x.reshape(x.shape[0], d_in)  # hook_z [seq, head, d_head] for an SAE trained on the flattened heads
     return sae.encode(x).float()
 
 
@@ -147,3 +156,31 @@ def merge_ranked(per_source: list[list[FeatureActivation]], num_results: int, by
     flat = [(src, row) for src, rows in enumerate(per_source) for row in rows]
     flat.sort(key=lambda sr: (-sr[1].score(by_sum), sr[0], sr[1].index))
     return flat[:num_results]
+
+
+def is_attention_output_hook(hook_name: str) -> bool:
+    return hook_name.endswith("attn.hook_z")
+
+
+def dfa_hooks(hook_name: str) -> tuple[str, str]:
+    """The hooks DFA needs beside ``blocks.L.attn.hook_z``: values and attention pattern of that layer."""
+    prefix = hook_name[: -len("hook_z")]
+    return prefix + "hook_v", prefix + "hook_pattern"
+
+
+@torch.no_grad()
+def direct_feature_attribution(W_enc: torch.Tensor, v: np.ndarray, pattern: np.ndarray, feature: int, dest: int) -> list[float]:
+    """How much each source position contributes, through attention, to ``feature`` at position ``dest``.
+
+    ``dfa[src] = sum_h pattern[h, dest, src] * (v[src, h] . W_enc[h-slice, feature])`` -- the per-source split of
+    the encoder's input term ``z[dest] . W_enc[:, feature]``. ``v`` is ``[seq, kv_heads, d_head]`` and
+    ``pattern`` ``[heads, seq, seq]``.
+    """
+    vt = torch.as_tensor(v).float()
+    pt = torch.as_tensor(pattern).float()
+    n_heads, d_head = pt.shape[0], vt.shape[-1]
+    if vt.shape[1] != n_heads:  # grouped-query attention: each kv head serves n_heads / kv_heads query heads
+        vt = vt.repeat_interleave(n_heads // vt.shape[1], dim=1)
+    w = W_enc[:, feature].detach().float().cpu().reshape(n_heads, d_head)  # [head, d_head]
+    per_src_head = torch.einsum("shd,hd->sh", vt, w)  # [seq, head]
+    return torch.einsum("hs,sh->s", pt[:, dest, :], per_src_head).tolist()

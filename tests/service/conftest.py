@@ -34,7 +34,19 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def serve_app(ray_session, pack_dir):
+def att_sae_dir(pack_dir, tmp_path_factory):
+    """An attention-output (hook_z) SAE beside the pack's, served as ``0-att-demo`` (for DFA)."""
+    import json
+
+    from tests.packs import write_hook_z_sae
+
+    cfg = json.loads((pack_dir / "model" / "config.json").read_text())
+    d_head = cfg.get("d_head") or cfg["d_model"] // cfg["n_heads"]
+    return write_hook_z_sae(tmp_path_factory.mktemp("saes") / "att-demo" / "0", cfg["n_heads"], d_head)
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_session, pack_dir, att_sae_dir):
     """The real application (build_app + serve.run) on the demo pack, with auth on. Yields the base URL."""
     from ray import serve
 
@@ -43,7 +55,8 @@ def serve_app(ray_session, pack_dir):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=SECRET, token_limit=64, max_batch_prompts=4)
+    args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], sae_dirs=[str(att_sae_dir)], secret=SECRET,
+                   token_limit=64, max_batch_prompts=4)
     serve.run(build_app(args), name="saeserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
