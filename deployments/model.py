@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 from ray import serve
@@ -16,6 +17,16 @@ from deployments.engine.capture import CaptureRequest, ModelRunner
 from deployments.engine.loading import load_model, resolve_device
 
 log = logging.getLogger("saeserve.model")
+
+
+class ModelMetrics:
+    def __init__(self):
+        from ray.serve.metrics import Histogram
+
+        self.batch_size = Histogram("saeserve_capture_batch_size", description="Prompts per capture forward pass",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.queue_wait_ms = Histogram("saeserve_capture_queue_wait_ms", description="Wait before a capture's batch starts",
+                                       boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
 
 
 @serve.deployment(
@@ -30,6 +41,7 @@ class ModelDeployment:
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005):
         self.device = resolve_device(device)
         self.runner = ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device)
+        self._metrics = ModelMetrics()
         self._capture_batch.set_max_batch_size(capture_batch_size)
         self._capture_batch.set_batch_wait_timeout_s(capture_batch_wait_s)
 
@@ -40,11 +52,15 @@ class ModelDeployment:
     async def capture(self, tokens: list[int], hooks: list[str]) -> dict[str, np.ndarray]:
         for h in hooks:
             self.runner.check_hook(h)  # fail this request alone, before it joins a batch
-        return await self._capture_batch(CaptureRequest(tokens=tokens, hooks=hooks))
+        return await self._capture_batch((time.monotonic(), CaptureRequest(tokens=tokens, hooks=hooks)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _capture_batch(self, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
-        return await asyncio.to_thread(self.runner.capture, requests)
+    async def _capture_batch(self, items: list[tuple[float, CaptureRequest]]) -> list[dict[str, np.ndarray]]:
+        now = time.monotonic()
+        self._metrics.batch_size.observe(len(items))
+        for t, _ in items:
+            self._metrics.queue_wait_ms.observe((now - t) * 1000)
+        return await asyncio.to_thread(self.runner.capture, [r for _, r in items])
 
     def check_health(self) -> None:
         if self.runner.model is None:

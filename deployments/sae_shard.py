@@ -2,7 +2,8 @@
 
 SAEs are multiplexed by id (``serve.multiplexed``): requests for an SAE are routed to a replica that
 already holds it, a miss loads it (once, under Serve's loader lock), and each replica keeps at most
-``max_loaded_saes`` (LRU). Dense ``[seq, d_sae]`` activations never leave the replica.
+``max_loaded_saes`` SAEs and ``max_sae_bytes`` bytes (LRU; an SAE in use is never evicted). Concurrent
+encodes for one SAE run as one batch. Dense ``[seq, d_sae]`` activations never leave the replica.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
 
 import numpy as np
 import torch
@@ -23,18 +26,43 @@ from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nb
 log = logging.getLogger("saeserve.sae_shard")
 
 
+class ShardMetrics:
+    """The project's own Prometheus metrics (exported through Ray's metrics agent, tagged per replica)."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.loads = Counter("saeserve_sae_loads", description="SAEs loaded into this replica")
+        self.hits = Counter("saeserve_sae_hits", description="Requests whose SAE was already resident")
+        self.evictions = Counter("saeserve_sae_evictions", description="SAEs evicted (LRU, count or byte budget)")
+        self.resident = Gauge("saeserve_sae_resident", description="SAEs resident in this replica")
+        self.resident_bytes = Gauge("saeserve_sae_resident_bytes", description="Bytes of SAE weights resident")
+        self.encode_batch_size = Histogram("saeserve_sae_encode_batch_size", description="Encodes per SAE batch",
+                                           boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+
 class LoadedSAE:
+    """An SAE resident in this replica, with a count of operations using it (never evicted while > 0)."""
+
     def __init__(self, spec: SAESpec, sae):
         self.spec = spec
         self.sae = sae
         self.nbytes = sae_nbytes(sae)
         self._decoder_index: G.DecoderIndex | None = None
+        self.users = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     @property
     def decoder_index(self) -> G.DecoderIndex:
         if self._decoder_index is None:  # built on first cosine query, kept while the SAE is resident
             self._decoder_index = G.DecoderIndex(self.sae.W_dec)
         return self._decoder_index
+
+
+def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
+    per = 2 if dtype in ("float16", "bfloat16") else 4
+    return (2 * spec.d_in * spec.d_sae + spec.d_sae + spec.d_in) * per
 
 
 @serve.deployment(
@@ -45,90 +73,159 @@ class LoadedSAE:
     health_check_period_s=10,
 )
 class SAEShard:
-    def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64):
+    def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
+                 max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.002):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.stats = {"requests": 0, "loads": 0, "load_seconds": 0.0}
+        self.max_loaded_saes = max_loaded_saes
+        self.max_sae_bytes = max_sae_bytes
+        self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0}
+        self._metrics = ShardMetrics()
 
         async def load(sae_id: str) -> LoadedSAE:
             return await self._load(sae_id)
 
-        # Wired at init so the per-replica budget is a setting rather than a constant.
-        self._get = serve.multiplexed(max_num_models_per_replica=max_loaded_saes)(load)
+        # Serve's multiplexing routes each SAE id to a replica holding it and loads a miss once (under its
+        # lock). The budget (count and bytes) is enforced in _load, which waits for a victim to go idle.
+        self._loader = load  # Serve keeps its cache (``__serve_multiplex_wrapper``) on the loader function
+        self._get = serve.multiplexed(max_num_models_per_replica=-1)(load)
+        self._encode_batch.set_max_batch_size(encode_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(encode_batch_wait_s)
+
+    # --- residency -----------------------------------------------------------------------------------
+
+    def _resident(self) -> "OrderedDict[str, LoadedSAE]":
+        wrapper = self._loader.__dict__.get("__serve_multiplex_wrapper")
+        return wrapper.models if wrapper is not None else OrderedDict()
+
+    async def _evict_for(self, incoming: int) -> None:
+        wrapper = self._loader.__dict__["__serve_multiplex_wrapper"]
+        models = wrapper.models
+        while models and (
+            len(models) >= self.max_loaded_saes
+            or (self.max_sae_bytes is not None and sum(m.nbytes for m in models.values()) + incoming > self.max_sae_bytes)
+        ):
+            victim_id, victim = next(iter(models.items()))
+            await victim.idle.wait()  # never under a running encode
+            if next(iter(models), None) != victim_id:
+                continue  # the LRU order changed while we waited
+            await wrapper.unload_model_lru()
+            self.stats["evictions"] += 1
+            self._metrics.evictions.inc()
+            log.info("evicted SAE %s (%d bytes)", victim_id, victim.nbytes)
 
     async def _load(self, sae_id: str) -> LoadedSAE:
         spec = self.specs.get(sae_id)
         if spec is None:
             raise RequestError(f"Invalid SAE ID or type: {sae_id}")
+        await self._evict_for(estimated_nbytes(spec, self.dtype))
         t0 = time.monotonic()
         sae = await asyncio.to_thread(load_sae, spec, self.device, self.dtype)
         loaded = LoadedSAE(spec, sae)
         self.stats["loads"] += 1
         self.stats["load_seconds"] += time.monotonic() - t0
+        self._metrics.loads.inc()
         return loaded
 
-    async def _sae(self) -> LoadedSAE:
+    @asynccontextmanager
+    async def _use(self):
+        """The request's SAE (by multiplexed id), held resident for the duration of the block."""
         self.stats["requests"] += 1
-        return await self._get(serve.get_multiplexed_model_id())
+        loads_before = self.stats["loads"]
+        s = await self._get(serve.get_multiplexed_model_id())
+        if self.stats["loads"] == loads_before:
+            self._metrics.hits.inc()
+        s.users += 1
+        s.idle.clear()
+        try:
+            yield s
+        finally:
+            s.users -= 1
+            if s.users == 0:
+                s.idle.set()
+            resident = self._resident()
+            self._metrics.resident.set(len(resident))
+            self._metrics.resident_bytes.set(sum(m.nbytes for m in resident.values()))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _encode_batch(self, acts_list: list[np.ndarray]) -> list[torch.Tensor]:
+        """Concurrent encodes for one SAE (Serve splits batches by multiplexed id) in one call."""
+        s = await self._get(serve.get_multiplexed_model_id())
+        self._metrics.encode_batch_size.observe(len(acts_list))
+
+        def run() -> list[torch.Tensor]:
+            if len(acts_list) == 1:
+                return [F.encode(s.sae, acts_list[0])]
+            feats = F.encode(s.sae, np.concatenate(acts_list, axis=0))
+            return list(torch.split(feats, [a.shape[0] for a in acts_list]))
+
+        return await asyncio.to_thread(run)
 
     async def single(self, acts: np.ndarray, index: int, zero_positions: list[int], drop_first: bool,
                      dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> F.FeatureActivation:
-        s = await self._sae()
-        F.check_index(index, s.spec.d_sae, s.spec.id)
+        async with self._use() as s:
+            F.check_index(index, s.spec.d_sae, s.spec.id)
+            feats = await self._encode_batch(acts)
 
-        def run() -> F.FeatureActivation:
-            row = F.single_feature(F.encode(s.sae, acts), index, zero_positions, drop_first)
-            if dfa_inputs is not None:
-                offset = 1 if drop_first else 0  # DFA in the same coordinates as ``values``
-                full = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, index, row.max_value_index + offset)
-                row.dfa_values = full[offset:]
-            return row
+            def run() -> F.FeatureActivation:
+                row = F.single_feature(feats, index, zero_positions, drop_first)
+                if dfa_inputs is not None:
+                    offset = 1 if drop_first else 0  # DFA in the same coordinates as ``values``
+                    full = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, index, row.max_value_index + offset)
+                    row.dfa_values = full[offset:]
+                return row
 
-        return await asyncio.to_thread(run)
+            return await asyncio.to_thread(run)
 
     async def rank(self, acts: np.ndarray, num_results: int, sort_by_token_indexes: list[int], ignore_bos: bool,
                    feature_filter: list[int] | None, dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None,
                    ) -> list[F.FeatureActivation]:
-        s = await self._sae()
-        for i in feature_filter or []:
-            F.check_index(i, s.spec.d_sae, s.spec.id)
+        async with self._use() as s:
+            for i in feature_filter or []:
+                F.check_index(i, s.spec.d_sae, s.spec.id)
+            feats = await self._encode_batch(acts)
 
-        def run() -> list[F.FeatureActivation]:
-            rows = F.rank_features(F.encode(s.sae, acts), num_results, sort_by_token_indexes, ignore_bos, feature_filter)
-            if dfa_inputs is not None:
-                for row in rows:
-                    row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, row.index, row.max_value_index)
-            return rows
+            def run() -> list[F.FeatureActivation]:
+                rows = F.rank_features(feats, num_results, sort_by_token_indexes, ignore_bos, feature_filter)
+                if dfa_inputs is not None:
+                    for row in rows:
+                        row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, row.index, row.max_value_index)
+                return rows
 
-        return await asyncio.to_thread(run)
+            return await asyncio.to_thread(run)
 
     async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
-        s = await self._sae()
-        return await asyncio.to_thread(lambda: F.topk_by_token(F.encode(s.sae, acts), top_k))
+        async with self._use():
+            feats = await self._encode_batch(acts)
+            return await asyncio.to_thread(F.topk_by_token, feats, top_k)
 
     async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
-        s = await self._sae()
-        return await asyncio.to_thread(lambda: F.active_entries(F.encode(s.sae, acts), skip_positions))
+        async with self._use():
+            feats = await self._encode_batch(acts)
+            return await asyncio.to_thread(F.active_entries, feats, skip_positions)
 
     async def vectors(self, indices: list[int]) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""
-        s = await self._sae()
-        for i in indices:
-            F.check_index(i, s.spec.d_sae, s.spec.id)
-        return G.decoder_rows(s.sae.W_dec, indices).numpy()
+        async with self._use() as s:
+            for i in indices:
+                F.check_index(i, s.spec.d_sae, s.spec.id)
+            return G.decoder_rows(s.sae.W_dec, indices).numpy()
 
     async def encoder_vector(self, index: int) -> list[float]:
-        s = await self._sae()
-        F.check_index(index, s.spec.d_sae, s.spec.id)
-        return G.encoder_vector(s.sae.W_enc, index)
+        async with self._use() as s:
+            F.check_index(index, s.spec.d_sae, s.spec.id)
+            return G.encoder_vector(s.sae.W_enc, index)
 
     async def top_cosine(self, query: np.ndarray, num_results: int) -> tuple[list[int], list[float]]:
-        s = await self._sae()
-        return await asyncio.to_thread(s.decoder_index.top_cosine, torch.as_tensor(query), num_results)
+        async with self._use() as s:
+            return await asyncio.to_thread(s.decoder_index.top_cosine, torch.as_tensor(query), num_results)
 
     async def metrics(self) -> dict:
-        return dict(self.stats)
+        """This replica's SAE cache: resident ids and bytes, loads, hits, evictions."""
+        resident = self._resident()
+        return {**self.stats, "hits": self.stats["requests"] - self.stats["loads"], "resident": list(resident),
+                "resident_bytes": sum(m.nbytes for m in resident.values())}
 
     def check_health(self) -> None:
         if not self.specs:

@@ -93,9 +93,23 @@ class ModelRunner:
         if hook not in self._hook_shapes:
             raise RequestError(f"Unknown hook: {hook}. Hooks look like blocks.0.hook_resid_post")
 
-    @torch.no_grad()
     def capture(self, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
-        """Activations at each request's hooks, ``{hook: float32 [len, ...]}`` per request, in one pass."""
+        """Activations at each request's hooks, ``{hook: float32 [len, ...]}`` per request.
+
+        Requests are grouped by how deep they need the model to run; each group is one padded forward pass,
+        so a request for layer 0 does not pay for a neighbour's layer 11.
+        """
+        groups: dict[int | None, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(stop_layer_for(r.hooks, self.model.cfg.n_layers), []).append(i)
+        out: list[dict[str, np.ndarray]] = [{} for _ in requests]
+        for idxs in groups.values():
+            for i, res in zip(idxs, self._capture_group([requests[i] for i in idxs])):
+                out[i] = res
+        return out
+
+    @torch.no_grad()
+    def _capture_group(self, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
         if not requests:
             return []
         hooks = sorted({h for r in requests for h in r.hooks})
