@@ -103,7 +103,16 @@ def build_app(args: AppArgs) -> Application:
     model_path = resolve_model_path(args.model)
     specs = resolve_sae_specs(model_path, args.sae_sets, args.sae_dirs, args.include_sae, args.exclude_sae)
     log.info("building saeserve: model %s, %d SAEs", model_path, len(specs))
-    model = ModelDeployment.bind(model_path, args.device, args.model_dtype, args.override_model_id,
-                                 args.capture_batch_size, args.capture_batch_wait_s)
-    shard = SAEShard.bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes)
-    return SAEServeIngress.bind(args.model_dump(), [s.to_dict() for s in specs], model, shard)
+    opts = args.deployment_options
+    unknown = set(opts) - {d.name for d in (SAEServeIngress, ModelDeployment, SAEShard)}
+    if unknown:
+        raise ValueError(f"deployment_options names unknown deployments {sorted(unknown)}")
+
+    def deployment(d):
+        return d.options(**opts[d.name]) if d.name in opts else d
+
+    model = deployment(ModelDeployment).bind(model_path, args.device, args.model_dtype, args.override_model_id,
+                                             args.capture_batch_size, args.capture_batch_wait_s)
+    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
+                                      args.max_sae_bytes, args.encode_batch_size, args.encode_batch_wait_s)
+    return deployment(SAEServeIngress).bind(args.model_dump(), [s.to_dict() for s in specs], model, shard)

@@ -36,6 +36,14 @@ class AppArgs(BaseModel):
     secret: Optional[str] = Field(None, description="If set (or env SECRET), requests need X-SECRET-KEY", repr=False)
     capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
     capture_batch_wait_s: float = Field(0.005, ge=0, description="How long a forward pass waits to fill its batch")
+    max_sae_bytes: Optional[int] = Field(None, ge=1, description="Most bytes of SAE weights in one SAEShard replica (LRU); None = no byte cap")
+    encode_batch_size: int = Field(16, ge=1, description="Most concurrent encodes for one SAE run as one batch")
+    encode_batch_wait_s: float = Field(0.002, ge=0, description="How long an SAE encode waits to fill its batch")
+    deployment_options: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Per-deployment Serve options applied in Python (e.g. {'SAEShard': {'num_replicas': 2}}); "
+        "serve_config.yaml's `deployments:` section is the usual place for these",
+    )
 
     @field_validator("model_dtype", "sae_dtype")
     @classmethod
