@@ -22,6 +22,7 @@ from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import install_auth
 from .errors import install_error_handlers
+from .limits import LimitsMiddleware
 from .routes import activation, current, install, legacy, util
 from .service import SAEService
 
@@ -34,6 +35,7 @@ app = FastAPI(
 )
 install_error_handlers(app)
 install_auth(app)
+app.add_middleware(LimitsMiddleware)  # outermost: size and time limits wrap everything, auth included
 app.include_router(activation.router)
 app.include_router(util.router)
 app.include_router(legacy.router)

@@ -36,6 +36,8 @@ class AppArgs(BaseModel):
     secret: Optional[str] = Field(None, description="If set (or env SECRET), requests need X-SECRET-KEY", repr=False)
     capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
     capture_batch_wait_s: float = Field(0.005, ge=0, description="How long a forward pass waits to fill its batch")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
     max_sae_bytes: Optional[int] = Field(None, ge=1, description="Most bytes of SAE weights in one SAEShard replica (LRU); None = no byte cap")
     encode_batch_size: int = Field(16, ge=1, description="Most concurrent encodes for one SAE run as one batch")
     encode_batch_wait_s: float = Field(0.002, ge=0, description="How long an SAE encode waits to fill its batch")

@@ -13,6 +13,8 @@ class _Current:
 
     service: Optional[SAEService] = None
     secret: Optional[str] = None
+    max_body_bytes: int = 4 << 20
+    request_timeout_s: float = 300.0
 
 
 current = _Current()
@@ -27,3 +29,5 @@ def install(svc: SAEService, secret: Optional[str]) -> None:
     pickles the deployment class by value, and with it any module object its methods reference."""
     current.service = svc
     current.secret = secret
+    current.max_body_bytes = svc.args.max_body_bytes
+    current.request_timeout_s = svc.args.request_timeout_s

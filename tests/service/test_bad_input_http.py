@@ -107,3 +107,9 @@ def test_client_with_wrong_secret_gets_401(serve_app):
         with pytest.raises(ApiException) as e:
             DefaultApi(api).tokenize_post(TokenizePostRequest(model=MODEL_ID, text="x"))
     assert e.value.status == 401
+
+
+def test_oversized_body_is_413(http):
+    r = http.post("/v1/activation/all", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+    assert http.post("/v1/activation/all", json=OK_ALL).status_code == 200
