@@ -97,6 +97,10 @@ class SAEServeIngress:
     async def util_sae_vector(self, req: S.UtilSaeVectorRequest) -> S.UtilSaeVectorResponse:
         return await self.service.util_sae_vector(req)
 
+    async def capabilities(self) -> S.CapabilitiesResponse:
+        """GET /v1/capabilities for handle callers (model id, SAEs, limits); same answer as over HTTP."""
+        return await self.service.capabilities(list(app.openapi()["paths"]))
+
 
 def build_app(args: AppArgs) -> Application:
     """Typed app builder: ``serve_config.yaml``'s ``args`` arrive validated as AppArgs."""

@@ -1,0 +1,196 @@
+"""Every operation through ``serve.get_app_handle("saeserve")`` (what a Ray job uses), with the same pydantic
+request models as HTTP: the answer equals the HTTP answer for the same request, and bad input raises an error
+that is a ``RequestError`` carrying the same message the HTTP route puts in ``{"error": ...}``."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from deployments.engine.errors import RequestError
+from ingress import schemas as S
+from ingress.service import unwrap_remote_error
+
+from .conftest import MODEL_ID
+
+TEXT = "The cat sat on the mat."
+PROMPTS = ["The cat sat on the mat.", "Dogs bark at night", "hello world"]
+LONG = "word " * 200  # over the test app's token_limit of 64
+ALL = dict(model=MODEL_ID, source_set="res-demo", selected_sources=[], sort_by_token_indexes=[], ignore_bos=True)
+
+# (handle method, HTTP route, request). One or more per operation; the same request object goes both ways.
+OK_CASES = [
+    ("tokenize", "/v1/tokenize", S.TokenizeRequest(model=MODEL_ID, text="hello world")),
+    ("tokenize", "/v1/tokenize", S.TokenizeRequest(model=MODEL_ID, text="hello world", prepend_bos=False)),
+    ("activation_single", "/v1/activation/single",
+     S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, source="1-res-demo", index="3")),
+    ("activation_single", "/v1/activation/single",
+     S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, vector=[0.01 * i for i in range(64)], hook="blocks.0.hook_resid_post")),
+    ("activation_single", "/v1/activation/single",  # attention-output SAE: DFA fields
+     S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, source="0-att-demo", index="2")),
+    ("activation_single_batch", "/v1/activation/single-batch",
+     S.ActivationSingleBatchRequest(prompts=PROMPTS, model=MODEL_ID, source="0-res-demo", index="5")),
+    ("activation_all", "/v1/activation/all", S.ActivationAllRequest(prompt=TEXT, num_results=7, **ALL)),
+    ("activation_all", "/v1/activation/all",
+     S.ActivationAllRequest(prompt=TEXT, num_results=5, **{**ALL, "sort_by_token_indexes": [2, 3]})),
+    ("activation_all", "/v1/activation/all",
+     S.ActivationAllRequest(prompt=TEXT, num_results=3, feature_filter=[0, 1, 2], **{**ALL, "selected_sources": ["1-res-demo"]})),
+    ("activation_all", "/v1/activation/all",
+     S.ActivationAllRequest(prompt=TEXT, num_results=4, **{**ALL, "source_set": "att-demo", "ignore_bos": False})),
+    ("activation_all_batch", "/v1/activation/all-batch", S.ActivationAllBatchRequest(prompts=PROMPTS, num_results=4, **ALL)),
+    ("activation_topk_by_token", "/v1/activation/topk-by-token",
+     S.ActivationTopkByTokenRequest(prompt=TEXT, model=MODEL_ID, source="0-res-demo", top_k=3, ignore_bos=True)),
+    ("activation_topk_by_token_batch", "/v1/activation/topk-by-token-batch",
+     S.ActivationTopkByTokenBatchRequest(prompts=PROMPTS, model=MODEL_ID, source="1-res-demo", top_k=2, ignore_bos=False)),
+    ("activation_source", "/v1/activation/source", S.ActivationSourceRequest(prompts=PROMPTS, model=MODEL_ID, source="0-res-demo")),
+    ("util_sae_topk_by_decoder_cossim", "/v1/util/sae-topk-by-decoder-cossim",
+     S.UtilSaeTopkByDecoderCossimRequest(feature=S.NPFeature(model=MODEL_ID, source="0-res-demo", index=5), model=MODEL_ID,
+                                         source="1-res-demo", num_results=10)),
+    ("util_sae_topk_by_decoder_cossim", "/v1/util/sae-topk-by-decoder-cossim",
+     S.UtilSaeTopkByDecoderCossimRequest(vector=[math.sin(i) for i in range(64)], model=MODEL_ID, source="0-res-demo", num_results=5)),
+    ("util_sae_vector", "/v1/util/sae-vector", S.UtilSaeVectorRequest(model=MODEL_ID, source="1-res-demo", index=7)),
+]
+
+ok_all = S.ActivationAllRequest(prompt="hello", num_results=3, **ALL)
+# (handle method, HTTP route, request, substring of the message). Each must be a 400 over HTTP.
+BAD_CASES = [
+    ("tokenize", "/v1/tokenize", S.TokenizeRequest(model="nope", text="x"), "Unsupported model"),
+    ("activation_single", "/v1/activation/single",
+     S.ActivationSingleRequest(prompt="hi", model=MODEL_ID, source="99-res-demo", index="1"), "Invalid SAE ID or type: 99-res-demo"),
+    ("activation_single", "/v1/activation/single",
+     S.ActivationSingleRequest(prompt="hi", model=MODEL_ID, source="0-res-demo", index="100000000"), "out of range"),
+    ("activation_single", "/v1/activation/single",
+     S.ActivationSingleRequest(prompt="hi", model=MODEL_ID, vector=[1.0], hook="blocks.0.hook_resid_post"), "length"),
+    ("activation_single_batch", "/v1/activation/single-batch",
+     S.ActivationSingleBatchRequest(prompts=[], model=MODEL_ID, source="0-res-demo", index="1"), "empty"),
+    ("activation_all", "/v1/activation/all", ok_all.model_copy(update={"prompt": LONG}), "Text too long: "),
+    ("activation_all", "/v1/activation/all", ok_all.model_copy(update={"feature_filter": [1]}), "exactly one selected source"),
+    ("activation_all", "/v1/activation/all", ok_all.model_copy(update={"source_set": "res-nope"}), "Invalid source set"),
+    ("activation_all_batch", "/v1/activation/all-batch",
+     S.ActivationAllBatchRequest(prompts=["a"] * 5, num_results=3, **ALL), "Too many prompts"),
+    ("activation_topk_by_token", "/v1/activation/topk-by-token",
+     S.ActivationTopkByTokenRequest(prompt="hi", model=MODEL_ID, source="0-res-demo", top_k=0, ignore_bos=True), "top_k"),
+    ("activation_topk_by_token_batch", "/v1/activation/topk-by-token-batch",
+     S.ActivationTopkByTokenBatchRequest(prompts=[], model=MODEL_ID, source="0-res-demo", ignore_bos=True), "empty"),
+    ("activation_source", "/v1/activation/source",
+     S.ActivationSourceRequest(prompts=[LONG], model=MODEL_ID, source="0-res-demo"), "Text too long"),
+    ("util_sae_topk_by_decoder_cossim", "/v1/util/sae-topk-by-decoder-cossim",
+     S.UtilSaeTopkByDecoderCossimRequest(model=MODEL_ID, source="0-res-demo", num_results=3), "exactly one of feature or vector"),
+    ("util_sae_vector", "/v1/util/sae-vector", S.UtilSaeVectorRequest(model=MODEL_ID, source="1-res-demo", index=10**7), "out of range"),
+]
+
+
+@pytest.fixture(scope="module")
+def handle(serve_app):
+    from ray import serve
+
+    return serve.get_app_handle("saeserve")
+
+
+def wire(model) -> dict:
+    """A model as its JSON body: aliases, no nulls (the routes answer with response_model_exclude_none)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def assert_same(a, b, path="$", rtol=1e-6, atol=1e-7):
+    """Equal JSON trees; floats within a tight tolerance (the two calls may be batched with different
+    neighbours in the model's dynamic batch)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), f"{path}: {a!r} vs {b!r}"
+        assert math.isclose(a, b, rel_tol=rtol, abs_tol=atol), f"{path}: {a!r} vs {b!r}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {sorted(a)} vs {sorted(b) if isinstance(b, dict) else b!r}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}", rtol, atol)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: length {len(a)} vs {len(b) if isinstance(b, list) else b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]", rtol, atol)
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def test_every_ingress_method_is_covered():
+    """A new public method on the deployment (steering, ...) needs a case here and in the README."""
+    from ingress.app import SAEServeIngress
+
+    covered = {c[0] for c in OK_CASES} | {"capabilities"}
+    public = {n for n, v in vars(SAEServeIngress).items() if not n.startswith("_") and asyncio.iscoroutinefunction(v)}
+    assert public - covered == set(), f"handle methods without a test: {sorted(public - covered)}"
+
+
+@pytest.mark.parametrize("method,route,req", OK_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(OK_CASES)])
+def test_handle_equals_http(handle, http, method, route, req):
+    got = getattr(handle, method).remote(req).result(timeout_s=120)
+    r = http.post(route, json=wire(req))
+    assert r.status_code == 200, r.text
+    assert type(got).__name__ == method_response_name(req), type(got)
+    # The HTTP body parses into the same response model, and the two are equal field for field.
+    assert_same(wire(got), wire(type(got).model_validate(r.json())))
+    assert_same(wire(got), r.json())
+
+
+def method_response_name(req) -> str:
+    name = type(req).__name__
+    assert name.endswith("Request")
+    return name[: -len("Request")] + "Response"
+
+
+def test_handle_await_from_asyncio(handle, http):
+    """Inside async code (an async Ray actor, a Serve deployment) await the response instead of .result()."""
+    req = S.ActivationAllRequest(prompt=TEXT, num_results=5, **ALL)
+
+    async def main():
+        return await asyncio.gather(handle.activation_all.remote(req), handle.tokenize.remote(S.TokenizeRequest(model=MODEL_ID, text=TEXT)))
+
+    got_all, got_tok = asyncio.run(main())
+    assert_same(wire(got_all), http.post("/v1/activation/all", json=wire(req)).json())
+    assert got_tok.tokens == http.post("/v1/tokenize", json={"model": MODEL_ID, "text": TEXT}).json()["tokens"]
+
+
+def test_capabilities_handle_equals_http(handle, http):
+    got = handle.capabilities.remote().result(timeout_s=60)
+    assert isinstance(got, S.CapabilitiesResponse)
+    assert_same(wire(got), http.get("/v1/capabilities").json())
+    assert got.model == MODEL_ID and got.limits["max_batch_prompts"] == 4 and got.limits["token_limit"] <= 64
+
+
+@pytest.mark.parametrize("method,route,req,needle", BAD_CASES, ids=[f"{c[0]}:{c[3][:20]}" for c in BAD_CASES])
+def test_handle_bad_input_raises_request_error(handle, http, method, route, req, needle):
+    r = http.post(route, json=wire(req))
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]
+    assert needle in message
+
+    with pytest.raises(RequestError) as ei:  # Ray re-raises the replica's exception as a subclass of its type
+        getattr(handle, method).remote(req).result(timeout_s=120)
+    e = ei.value
+    assert message in str(e)
+    inner = unwrap_remote_error(e)  # the original RequestError, with .message and .status as over HTTP
+    assert isinstance(inner, RequestError)
+    assert (inner.message, inner.status) == (message, 400)
+
+
+def test_handle_bad_input_awaited(handle):
+    async def main():
+        return await handle.activation_all.remote(ok_all.model_copy(update={"selected_sources": ["0-res-nope"]}))
+
+    with pytest.raises(RequestError, match="Invalid SAE ID or type: 0-res-nope"):
+        asyncio.run(main())
+
+
+def test_schema_violations_fail_before_the_call():
+    """What HTTP answers with 422 is a pydantic ValidationError when the caller builds the request model."""
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="index"):
+        S.ActivationSingleRequest(prompt="hi", model=MODEL_ID, source="0-res-demo", index=1)  # index is a string
+    with pytest.raises(pydantic.ValidationError, match="source_set"):
+        S.ActivationAllRequest.model_validate({k: v for k, v in wire(ok_all).items() if k != "source_set"})
+
+
+def test_service_still_answers_after_errors(handle):
+    got = handle.activation_all.remote(ok_all).result(timeout_s=60)
+    assert len(got.activations) == 3
