@@ -111,6 +111,7 @@ class SAEShard:
             if next(iter(models), None) != victim_id:
                 continue  # the LRU order changed while we waited
             await wrapper.unload_model_lru()
+            wrapper._push_multiplexed_replica_info = True  # tell routers this replica no longer holds it
             self.stats["evictions"] += 1
             self._metrics.evictions.inc()
             log.info("evicted SAE %s (%d bytes)", victim_id, victim.nbytes)
@@ -224,7 +225,8 @@ class SAEShard:
     async def metrics(self) -> dict:
         """This replica's SAE cache: resident ids and bytes, loads, hits, evictions."""
         resident = self._resident()
-        return {**self.stats, "hits": self.stats["requests"] - self.stats["loads"], "resident": list(resident),
+        return {**self.stats, "replica": serve.get_replica_context().replica_id.unique_id,
+                "hits": self.stats["requests"] - self.stats["loads"], "resident": list(resident),
                 "resident_bytes": sum(m.nbytes for m in resident.values())}
 
     def check_health(self) -> None:
