@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.engine import pack
-from deployments.engine.loading import DTYPES, local_path
+from deployments.engine.loading import DTYPES, local_path, read_sae_config
 
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -23,6 +23,11 @@ class AppArgs(BaseModel):
     override_model_id: Optional[str] = Field(None, description="Load these weights instead (e.g. an -it model under base-model SAEs); also accepted as `model`")
     sae_sets: list[str] = Field(default_factory=list, description="SAE sets to serve (pack sets or Neuronpedia set names)")
     sae_dirs: list[str] = Field(default_factory=list, description="Extra local SAE Lens directories, served as '<dir>-<parent dir>'")
+    sae_config: Optional[str] = Field(
+        None,
+        description="YAML/JSON file listing SAE sets ({sets: {<set>: {<served id>: <SAE Lens dir>}}}, optionally model/model_id); "
+        "with no sae_sets, all of its sets are served",
+    )
     include_sae: list[str] = Field(default_factory=list, description="Serve only SAE ids matching one of these regexes")
     exclude_sae: list[str] = Field(default_factory=list, description="Do not serve SAE ids matching any of these regexes")
     model_dtype: DType = "float32"
@@ -52,6 +57,17 @@ class AppArgs(BaseModel):
     def _dtype(cls, v: str) -> str:
         assert v in DTYPES
         return v
+
+    @model_validator(mode="after")
+    def _model_from_sae_config(self) -> "AppArgs":
+        """An SAE config file may name the model (and its id); explicit ``model`` / ``model_id`` win."""
+        if self.sae_config and not {"model", "model_id"} <= self.model_fields_set:
+            cfg = read_sae_config(self.sae_config)
+            if cfg.model and "model" not in self.model_fields_set:
+                self.model = cfg.model
+            if cfg.model_id and "model_id" not in self.model_fields_set:
+                self.model_id = cfg.model_id
+        return self
 
     @property
     def served_model_id(self) -> str:
