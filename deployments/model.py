@@ -63,5 +63,10 @@ class ModelDeployment:
         return await asyncio.to_thread(self.runner.capture, [r for _, r in items])
 
     def check_health(self) -> None:
-        if self.runner.model is None:
+        """Fails when the model is gone or its device is unusable, so Serve replaces this replica."""
+        if self.runner is None or self.runner.model is None:
             raise RuntimeError("model is not loaded")
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()  # a poisoned CUDA context (device-side assert) raises here

@@ -230,5 +230,11 @@ class SAEShard:
                 "resident_bytes": sum(m.nbytes for m in resident.values())}
 
     def check_health(self) -> None:
+        """Fails when this replica cannot serve (no SAEs, or an unusable device), so Serve replaces it."""
         if not self.specs:
             raise RuntimeError("no SAEs configured")
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        for sae_id, loaded in self._resident().items():
+            if loaded.sae.W_enc.device.type != torch.device(self.device).type:
+                raise RuntimeError(f"SAE {sae_id} is on {loaded.sae.W_enc.device}, expected {self.device}")
