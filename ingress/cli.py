@@ -171,8 +171,7 @@ def _build(args, parser):
         if not specs:
             parser.error(f"no SAEs to serve for model {args.model!r} (sets {args.sae_sets}, include {args.include_sae}, "
                          f"exclude {args.exclude_sae}): name SAE sets with --sae_sets or --sae_config")
-        log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))
-        return build_app(args)
+        return build_app(args), specs
     except ValueError as e:
         parser.error(str(e))
 
@@ -238,7 +237,6 @@ def serve_forever(args, app, host: str, port: int, ray_address: str = "local", r
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    _setup_logging()
     if ns.list_models:
         try:
             list_models()
@@ -246,7 +244,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdout = None  # type: ignore[assignment]
         return 0
     args = args_from_flags(ns, parser)
-    app = _build(args, parser)
+    app, specs = _build(args, parser)
+    _setup_logging()
+    log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))
     rc = serve_forever(args, app, ns.host, ns.port, ns.ray_address, ns.ray_temp_dir)
     return rc
 
