@@ -1,0 +1,340 @@
+"""One benchmark run on one machine: the serialized in-process baseline, then the service over HTTP.
+
+    python -m benchmarks.run                                   # gpt2-small shape, CPU, concurrency 1,8,32
+    python -m benchmarks.run --shape demo --requests 16 --concurrency 1,8 --only all-1,topk
+    python -m benchmarks.run --device cuda                     # model and SAEs on the GPU (baseline too)
+
+Prints a markdown table (p50/p95 latency, requests/s, tokens/s, and each ratio to the baseline) and writes JSON
+(default ``benchmarks/results/<shape>-<device>.json``; ``python -m benchmarks.report`` renders it into the README).
+Tokens/s counts prompt tokens read for activation workloads and new tokens written for steering (2 x 32 a request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from .load import CellResult, run_concurrent, run_serial  # noqa: E402
+from .shapes import SHAPES, Shape, ensure_pack  # noqa: E402
+from .workloads import WORKLOADS, Workload, make_prompts  # noqa: E402
+
+TARGETS = {  # on a CPU, GPT-2-small shape, same run (issue 8)
+    "all_rps_ratio_c16_32": 1.5,
+    "steer_tps_ratio_c8": 3.0,
+    "added_p50_ms_c1": 10.0,
+}
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "device": device, "torch_threads": torch.get_num_threads()}
+    try:
+        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                                capture_output=True, text=True).stdout.strip())
+    except OSError:
+        pass
+    return info
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# --- the baseline ----------------------------------------------------------------------------------------
+
+
+def run_baseline(pack: Path, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]], n: int,
+                 max_seconds: float, device: str, steer_n: int) -> dict[str, CellResult]:
+    from .baseline import Baseline
+
+    b = Baseline(pack, shape, device)
+    out = {}
+    for w in workloads:
+        def call(i: int, w=w) -> int:
+            text, ntok = prompts[i % len(prompts)]
+            b.run(w, text, i)
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            return w.units(ntok)
+
+        out[w.name] = run_serial(w.name, call, steer_n if w.kind == "steer" else n, max_seconds)
+        r = out[w.name]
+        print(f"  baseline {w.name:7s} n={r.requests:3d} p50 {r.pct(.5):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s",
+              flush=True)
+    del b
+    import gc
+
+    gc.collect()
+    return out
+
+
+# --- the service -----------------------------------------------------------------------------------------
+
+
+def app_args_for(pack: Path, shape: Shape, device: str, overrides: dict, deployment_options: dict) -> dict:
+    from .service import pinned_options
+
+    args = dict(model=str(pack), sae_sets=[shape.set_name], device=device, token_limit=max(200, shape.prompt_tokens[1]),
+                deployment_options=pinned_options(deployment_options))
+    args.update(overrides)
+    return args
+
+
+class Profiler:
+    """py-spy ``record`` (raw collapsed stacks) on every Serve replica and the HTTP proxy during one cell."""
+
+    def __init__(self, out_dir: Path, tag: str):
+        from .service import replica_pids
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.procs = []
+        for name, pid in replica_pids().items():
+            f = out_dir / f"{tag}-{name}-{pid}.txt"
+            self.procs.append(subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+                                                "--output", str(f), "--nonblocking", "--threads", "--subprocesses"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
+                            n: int, concurrency: list[int], max_seconds: float, steer_n: int,
+                            profile: tuple[str, int] | None, profile_dir: Path | None) -> list[CellResult]:
+    import httpx
+
+    out = []
+    limits = httpx.Limits(max_connections=max(concurrency) + 4, max_keepalive_connections=max(concurrency) + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        for w in workloads:
+            async def send(i: int, w=w):
+                text, ntok = prompts[i % len(prompts)]
+                try:
+                    r = await client.post(w.route, json=w.body(shape, text, i))
+                except httpx.HTTPError as e:
+                    return False, 0, f"{type(e).__name__}: {e}"
+                if r.status_code != 200:
+                    return False, 0, f"{r.status_code}: {r.text[:300]}"
+                return True, w.units(ntok), None
+
+            for c in concurrency:
+                count = max(steer_n if w.kind == "steer" else n, c)
+                prof = None
+                if profile and profile == (w.name, c):
+                    prof = Profiler(profile_dir, f"{w.name}-c{c}")
+                try:
+                    r = await run_concurrent(w.name, send, count, c, max_seconds, warmup=min(max(c, 2), 8 if w.kind == "steer" else 32))
+                finally:
+                    if prof:
+                        prof.stop()
+                out.append(r)
+                print(f"  service  {w.name:7s} c={c:<3d} n={r.requests:3d} err={r.errors} p50 {r.pct(.5):8.1f} ms  "
+                      f"p95 {r.pct(.95):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s"
+                      + (f"  first error: {r.first_error}" if r.first_error else ""), flush=True)
+    return out
+
+
+def steer_served() -> bool:
+    """Whether this checkout's app has the steering route (added separately from the activation API)."""
+    from ingress.app import app
+
+    return "/v1/steer/completion" in app.openapi().get("paths", {})
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+def ratios(baseline: dict, service: list[dict]) -> list[dict]:
+    rows = []
+    for s in service:
+        b = baseline.get(s["workload"])
+        if not b:
+            continue
+        rows.append({**s, "rps_ratio": s["rps"] / b["rps"] if b["rps"] else None,
+                     "tps_ratio": s["tps"] / b["tps"] if b["tps"] else None,
+                     "added_p50_ms": s["p50_ms"] - b["p50_ms"], "p50_ratio": s["p50_ms"] / b["p50_ms"] if b["p50_ms"] else None})
+    return rows
+
+
+def check_targets(result: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run (informational: tests never assert timings)."""
+    checks = []
+    svc = result["service"]
+    for w in ("all-1", "all-3"):
+        cells = [s for s in svc if s["workload"] == w and 16 <= s["concurrency"] <= 32 and s.get("rps_ratio")]
+        if cells:
+            best = max(cells, key=lambda s: s["rps_ratio"])
+            checks.append(dict(target=f"{w} req/s at concurrency 16-32 >= {TARGETS['all_rps_ratio_c16_32']}x baseline",
+                               value=round(best["rps_ratio"], 2), at=best["concurrency"],
+                               ok=best["rps_ratio"] >= TARGETS["all_rps_ratio_c16_32"]))
+    cells = [s for s in svc if s["workload"] == "steer" and s["concurrency"] == 8 and s.get("tps_ratio")]
+    if cells:
+        checks.append(dict(target=f"steer tok/s at concurrency 8 >= {TARGETS['steer_tps_ratio_c8']}x baseline",
+                           value=round(cells[0]["tps_ratio"], 2), at=8, ok=cells[0]["tps_ratio"] >= TARGETS["steer_tps_ratio_c8"]))
+    for s in svc:
+        if s["concurrency"] == 1 and s.get("added_p50_ms") is not None:
+            checks.append(dict(target=f"{s['workload']} added p50 at concurrency 1 <= {TARGETS['added_p50_ms_c1']:.0f} ms",
+                               value=round(s["added_p50_ms"], 1), at=1, ok=s["added_p50_ms"] <= TARGETS["added_p50_ms_c1"]))
+    return checks
+
+
+def _f(x, fmt):
+    return "–" if x is None else format(x, fmt)
+
+
+def markdown_table(result: dict) -> str:
+    labels = {w.name: w.label for w in WORKLOADS.values()}
+    lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, b in result["baseline"].items():
+        lines.append(f"| {labels.get(name, name)} — **baseline** (serial, in-process) | 1 | {b['requests']} | {b['p50_ms']:.1f} | "
+                     f"{b['p95_ms']:.1f} | {b['rps']:.2f} | {b['tps']:,.0f} | 1 | 1 | 0 |")
+        for s in result["service"]:
+            if s["workload"] != name:
+                continue
+            err = f" ({s['errors']} errors)" if s["errors"] else ""
+            lines.append(f"| {labels.get(name, name)} — service | {s['concurrency']} | {s['requests']}{err} | {s['p50_ms']:.1f} | "
+                         f"{s['p95_ms']:.1f} | {s['rps']:.2f} | {s['tps']:,.0f} | {_f(s.get('rps_ratio'), '.2f')} | "
+                         f"{_f(s.get('tps_ratio'), '.2f')} | {_f(s.get('added_p50_ms'), '+.1f')} |")
+    return "\n".join(lines)
+
+
+def targets_text(checks: list[dict]) -> str:
+    return "\n".join(f"- {'PASS' if c['ok'] else 'MISS'}: {c['target']}: {c['value']}" for c in checks)
+
+
+def parse_kv(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    p.add_argument("--requests", type=int, default=64, help="measured requests per cell (service) and for the baseline")
+    p.add_argument("--steer-requests", type=int, default=16, help="the same for steer/completion (slow on a CPU)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
+    p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated workloads of {list(WORKLOADS)}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (model and SAEs, baseline and service alike)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<shape>-<device>.json)")
+    p.add_argument("--max-seconds", type=float, default=90, help="stop dispatching a cell's requests after this")
+    p.add_argument("--app-arg", action="append", default=[], metavar="KEY=JSON", help="AppArgs override (repeatable)")
+    p.add_argument("--deployment-options", default="{}", help="JSON merged over one pinned replica per deployment")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--skip-service", action="store_true")
+    p.add_argument("--profile", default=None, metavar="WORKLOAD:CONC", help="py-spy every replica during that cell")
+    p.add_argument("--profile-dir", default=str(REPO / ".bench" / "profiles"))
+    a = p.parse_args(argv)
+
+    shape = SHAPES[a.shape]
+    concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    names = [n.strip() for n in a.only.split(",") if n.strip()]
+    unknown = set(names) - set(WORKLOADS)
+    if unknown:
+        p.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    workloads = [WORKLOADS[n] for n in names]
+    dev_tag = "cpu" if a.device == "cpu" else a.device.replace(":", "")
+    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / f"{a.shape}-{dev_tag}.json"
+
+    print(f"# shape {shape.name}: preparing pack", flush=True)
+    pack = ensure_pack(shape)
+    from deployments.engine.pack import load_tokenizer
+
+    prompts = make_prompts(load_tokenizer(pack / "model"), shape, 256)
+    result = {"shape": shape.name, "pack": str(pack), "started": dt.datetime.now().isoformat(timespec="seconds"),
+              "machine": machine_info(a.device), "loadavg_start": loadavg(),
+              "settings": {"requests": a.requests, "steer_requests": a.steer_requests, "concurrency": concurrency,
+                           "workloads": names, "max_seconds": a.max_seconds,
+                           "prompt_tokens": [min(n for _, n in prompts), max(n for _, n in prompts)]},
+              "baseline": {}, "service": []}
+
+    steer_ok = steer_served()
+    if not steer_ok and any(w.kind == "steer" for w in workloads):
+        print("# /v1/steer/completion is not served by this checkout: skipping steer", flush=True)
+        workloads = [w for w in workloads if w.kind != "steer"]
+    if not a.skip_baseline:
+        print("# baseline: TransformerLens + SAE Lens, in-process, one request at a time", flush=True)
+        base_cells = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests)
+        result["baseline"] = {k: v.summary() for k, v in base_cells.items()}
+    if not a.skip_service:
+        from . import service
+
+        app_args = app_args_for(pack, shape, a.device, parse_kv(a.app_arg), json.loads(a.deployment_options))
+        result["settings"]["app_args"] = {k: v for k, v in app_args.items() if k != "model"}
+        print(f"# starting the service ({shape.name}, {a.device})", flush=True)
+        base = service.start(app_args)
+        print(f"# service over HTTP at concurrency {concurrency}", flush=True)
+        profile = None
+        if a.profile:
+            w, _, c = a.profile.partition(":")
+            profile = (w, int(c or 1))
+        try:
+            cells = asyncio.run(run_service_cells(base, shape, workloads, prompts, a.requests, concurrency,
+                                                  a.max_seconds, a.steer_requests, profile, Path(a.profile_dir)))
+        finally:
+            service.stop()
+        result["service"] = [c.summary() for c in cells]
+    result["steer_served"] = steer_ok
+    result["service"] = ratios(result["baseline"], result["service"]) if result["baseline"] else result["service"]
+    result["targets"] = check_targets(result)
+    result["loadavg_end"] = loadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n## {shape.name} on {result['machine'].get('cpu_model', a.device)} ({a.device}), load average "
+          f"{result['loadavg_start']} -> {result['loadavg_end']}\n")
+    if result["baseline"]:
+        print(markdown_table(result))
+    print("\n" + targets_text(result["targets"]))
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
+

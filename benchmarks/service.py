@@ -1,0 +1,76 @@
+"""The served app for the benchmark: Ray + ``serve.run(build_app(...))`` in this process, HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned_options(deployment_options: dict | None) -> dict:
+    """One replica of each deployment unless told otherwise: autoscaling mid-run would time model loads, not serving."""
+    opts = {name: {"num_replicas": 1, "autoscaling_config": None} for name in ("SAEServeIngress", "ModelDeployment", "SAEShard")}
+    for name, o in (deployment_options or {}).items():
+        opts[name] = {**opts.get(name, {}), **o}
+        if "autoscaling_config" in o and o["autoscaling_config"] is not None:
+            opts[name].pop("num_replicas", None)
+    return opts
+
+
+def start(app_args: dict, num_cpus: int | None = None, timeout_s: float = 300) -> str:
+    """Start Ray and the app; returns the base URL once /health answers 200."""
+    import ray
+    from ray import serve
+
+    from ingress.app import build_app
+    from ingress.args import AppArgs
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM")
+           if k in os.environ}
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs.model_validate(app_args)), name="saeserve", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("service did not become healthy")
+
+
+def replica_pids() -> dict[str, int]:
+    """``{actor class: pid}`` of the live Serve replicas and proxy (for py-spy)."""
+    from ray.util.state import list_actors
+
+    out = {}
+    for a in list_actors(filters=[("state", "=", "ALIVE")]):
+        name = a.get("class_name") if isinstance(a, dict) else a.class_name
+        pid = a.get("pid") if isinstance(a, dict) else a.pid
+        if name and pid:
+            out[name] = pid
+    return out
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

