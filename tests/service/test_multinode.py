@@ -1,0 +1,40 @@
+"""Several nodes: runs tests/service/multinode_check.py (its own multi-node Ray cluster on this machine) in a
+subprocess, so the test session's Ray is untouched. See that script for what it checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("multinode_check.py")
+REPO = SCRIPT.parents[2]
+BUDGET_S = 300  # the script's own watchdog (cluster shut down, exit 3)
+HARD_LIMIT_S = BUDGET_S + 60  # then the whole process group goes
+
+
+@pytest.mark.slow
+def test_several_nodes_placement_and_node_loss():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # its cluster address stays out of /tmp/ray
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--budget", str(BUDGET_S)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=HARD_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"multinode_check.py ran past {HARD_LIMIT_S}s:\n{out[-8000:]}")
+    finally:
+        import shutil
+
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    progress = "\n".join(line for line in out.splitlines() if line.startswith(("[", "MULTINODE")))
+    print(progress)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{progress}\n--- last output ---\n{out[-6000:]}"
+    assert "MULTINODE OK" in out
