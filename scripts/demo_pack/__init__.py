@@ -1,0 +1,1 @@
+"""Build the trained demo pack (models/demo-lm): corpus, tokenizer, LM, SAEs, showcase."""
