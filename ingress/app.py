@@ -107,7 +107,8 @@ def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     model_path = resolve_model_path(args.model)
-    specs = resolve_sae_specs(model_path, args.sae_sets, args.sae_dirs, args.include_sae, args.exclude_sae)
+    specs = resolve_sae_specs(model_path, args.sae_sets, args.sae_dirs, args.include_sae, args.exclude_sae,
+                              sae_config=args.sae_config)
     log.info("building saeserve: model %s, %d SAEs", model_path, len(specs))
     opts = args.deployment_options
     unknown = set(opts) - {d.name for d in (SAEServeIngress, ModelDeployment, SAEShard)}

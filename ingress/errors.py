@@ -36,7 +36,7 @@ def _describe_validation(errors: list[dict]) -> str:
     return "Invalid request: " + "; ".join(parts)
 
 
-def _is_ray_unavailable(e: BaseException) -> bool:
+def is_ray_unavailable(e: BaseException) -> bool:
     # A replica that died or a queue that is full: the next try may succeed.
     mod = type(e).__module__ or ""
     return mod.startswith("ray.") and type(e).__name__ in {
@@ -62,7 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
-        if _is_ray_unavailable(e):
+        if is_ray_unavailable(e):
             log.warning("backend unavailable: %s", type(e).__name__)
             return error_response("A backend replica is unavailable; retry shortly", 503)
         log.exception("unhandled error")

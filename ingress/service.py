@@ -19,6 +19,7 @@ from deployments.engine.loading import SAESpec
 
 from . import schemas as S
 from .args import AppArgs
+from .errors import is_ray_unavailable
 
 log = logging.getLogger("saeserve.ingress")
 
@@ -77,6 +78,8 @@ class SAEService:
             inner = unwrap_remote_error(e)
             if inner is not None:
                 raise inner from None
+            if is_ray_unavailable(e):  # a full queue or a dead replica: the client may retry
+                raise Overloaded(f"The server is busy ({type(e).__name__}); retry shortly") from None
             if "OutOfMemory" in type(e).__name__ or "out of memory" in str(e).lower():
                 raise Overloaded("Out of memory while serving this request; retry shortly") from e
             raise

@@ -87,3 +87,29 @@ def test_killing_a_replica_under_load(faults_app, deployment):
     codes = [httpx.post(f"{faults_app}/v1/activation/all", json=BODY, timeout=60).status_code for _ in range(5)]
     assert codes == [200] * 5
     print(f"{deployment}: recovered in {took:.1f}s; statuses under load {dict(statuses)}")
+
+
+def test_queue_full_is_503_with_retry_after(serve_app, pack_dir):
+    """With max_queued_requests reached on the model, the excess is refused at once, not queued forever."""
+    import concurrent.futures as cf
+
+    from ray import serve
+
+    from ingress.app import build_app
+    from ingress.args import AppArgs
+
+    opts = {"ModelDeployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+    serve.run(build_app(AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=None, capture_batch_size=1,
+                                deployment_options=opts)), name="queue", route_prefix="/queue")
+    try:
+        body = {**BODY, "prompt": "the cat sat on the mat " * 8}
+        with cf.ThreadPoolExecutor(24) as pool:
+            rs = list(pool.map(lambda _: httpx.post(f"{serve_app}/queue/v1/activation/all", json=body, timeout=120), range(48)))
+        codes = Counter(r.status_code for r in rs)
+        assert set(codes) <= {200, 503}, codes
+        assert codes[503] > 0 and codes[200] > 0, codes
+        refused = next(r for r in rs if r.status_code == 503)
+        assert refused.headers.get("retry-after") and "retry" in refused.json()["error"].lower(), (refused.headers, refused.text)
+        assert httpx.post(f"{serve_app}/queue/v1/activation/all", json=BODY, timeout=60).status_code == 200
+    finally:
+        serve.delete("queue")
