@@ -22,7 +22,7 @@ serve: venv
 test: venv
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
 
-# Rebuild the trained demo pack models/demo-lm from scratch (seeded; ~20 min on 2 CPU cores) and its README section.
+# Rebuild the trained demo pack models/demo-lm from scratch (seeded; ~10 min on an idle CPU core) and its README section.
 .PHONY: demo-pack
 demo-pack: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m scripts.demo_pack.build

@@ -1,6 +1,6 @@
 """Rebuild the trained demo pack ``models/demo-lm`` from scratch, deterministically from a seed.
 
-    python -m scripts.demo_pack.build                 # everything (about 20 minutes on 2 CPU cores)
+    python -m scripts.demo_pack.build                 # everything (about 10 minutes on an idle CPU core)
     python -m scripts.demo_pack.build --stage saes    # reuse the committed model, retrain the SAEs
     python -m scripts.demo_pack.build --stage show    # only recompute features.json and the README section
 
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=["all", "lm", "saes", "show"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lm-steps", type=int, default=250)
-    p.add_argument("--sae-samples", type=int, default=800_000)
+    p.add_argument("--sae-samples", type=int, default=400_000)
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("DEMO_PACK_THREADS", "1")))
     torch.use_deterministic_algorithms(True, warn_only=True)

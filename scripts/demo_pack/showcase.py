@@ -113,7 +113,7 @@ def run_showcase(pack: Path, set_name: str, test_docs, readme: Path, *, seed: in
     model = load_model_dir(pack)
     tok = model.tokenizer
     saes = {k: SAE.load_from_disk(str(d), device="cpu") for k, d in local_sae_set_dirs(pack, set_name).items()}
-    plain_docs = [d for d in test_docs if not d.chat][:600]
+    plain_docs = [d for d in test_docs if not d.chat][:400]
     acts, topics, token_ids, where, seqs = doc_activations(model, saes, plain_docs)
     rng = random.Random(seed + 1234)
     examples = {t: [SENTENCE_FNS[t](rng) for _ in range(40)] for t in TOPICS}
@@ -196,7 +196,7 @@ def render_markdown(feat: dict, pack: Path) -> str:
         "### The demo pack (`models/demo-lm`)",
         "",
         "A small model trained here, offline, so the API has something real to show. Rebuild it with "
-        "`make demo-pack` (seeded; about 20 minutes on 2 CPU cores). This section is written by "
+        "`make demo-pack` (seeded, single-threaded for bit-reproducibility; about 10 minutes on an idle CPU core). This section is written by "
         "`scripts/demo_pack/showcase.py`; the numbers are in `models/demo-lm/training_report.json` and "
         "`models/demo-lm/features.json`.",
         "",

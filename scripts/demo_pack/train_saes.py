@@ -49,7 +49,7 @@ def sae_stats(sae, model, acts: torch.Tensor, test_tokens: torch.Tensor, layer: 
     def splice(x, hook):
         return sae.decode(sae.encode(x))
 
-    toks = test_tokens[:128]
+    toks = test_tokens[:32]
     clean = float(model(toks, return_type="loss"))
     spliced = float(model.run_with_hooks(toks, return_type="loss", fwd_hooks=[(name, splice)]))
 
@@ -90,7 +90,7 @@ def train_one(acts: torch.Tensor, *, d_sae: int, l1: float, lr: float, samples: 
 
 def train_all_saes(model, train_tokens: torch.Tensor, test_tokens: torch.Tensor, out_root: Path, *, seed: int,
                    total_samples: int, d_sae: int = 1024, l1: float = 1.5, lr: float = 1e-3, batch: int = 2048,
-                   max_train_seqs: int = 1600) -> dict:
+                   max_train_seqs: int = 1000) -> dict:
     stats = {}
     for layer in range(model.cfg.n_layers):
         t0 = time.time()
@@ -111,7 +111,7 @@ def train_all_saes(model, train_tokens: torch.Tensor, test_tokens: torch.Tensor,
         from sae_lens import SAE
 
         loaded = SAE.load_from_disk(str(out), device="cpu")
-        test_acts = collect_acts(model, test_tokens, layer)
+        test_acts = collect_acts(model, test_tokens[:200], layer)
         s = sae_stats(loaded, model, test_acts, test_tokens, layer)
         s.update({"d_sae": d_sae, "l1_coefficient": l1, "lr": lr, "training_samples": total_samples,
                   "train_tokens_in_buffer": len(acts), "seconds": round(time.time() - t0, 1)})
