@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from .load import CellResult, run_concurrent, run_serial  # noqa: E402
-from .shapes import SHAPES, Shape, ensure_pack  # noqa: E402
+from .shapes import SHAPES, Shape, ensure_pack, resolve_layers  # noqa: E402
 from .workloads import WORKLOADS, Workload, make_prompts  # noqa: E402
 
 TARGETS = {  # on a CPU, GPT-2-small shape, same run (issue 8)
@@ -284,6 +284,7 @@ def main(argv=None) -> dict:
 
     print(f"# shape {shape.name}: preparing pack", flush=True)
     pack = ensure_pack(shape)
+    shape = resolve_layers(shape, pack)
     from deployments.engine.pack import load_tokenizer
 
     prompts = make_prompts(load_tokenizer(pack / "model"), shape, 256)
@@ -294,8 +295,8 @@ def main(argv=None) -> dict:
                            "prompt_tokens": [min(n for _, n in prompts), max(n for _, n in prompts)]},
               "baseline": {}, "service": []}
 
-    steer_ok = steer_served()
-    if not steer_ok and any(w.kind == "steer" for w in workloads):
+    steer_ok = None if a.skip_service else steer_served()  # the baseline alone needs no route
+    if steer_ok is False and any(w.kind == "steer" for w in workloads):
         print("# /v1/steer/completion is not served by this checkout: skipping steer", flush=True)
         workloads = [w for w in workloads if w.kind != "steer"]
     if not a.skip_baseline:

@@ -54,15 +54,18 @@ def start(app_args: dict, num_cpus: int | None = None, timeout_s: float = 300) -
 
 
 def replica_pids() -> dict[str, int]:
-    """``{actor class: pid}`` of the live Serve replicas and proxy (for py-spy)."""
-    from ray.util.state import list_actors
+    """``{replica or proxy: pid}`` among this process's descendants (other Ray sessions may share the machine)."""
+    import psutil
 
     out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")]):
-        name = a.get("class_name") if isinstance(a, dict) else a.class_name
-        pid = a.get("pid") if isinstance(a, dict) else a.pid
-        if name and pid:
-            out[name] = pid
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith(("ray::ServeReplica", "ray::ProxyActor")):
+            name = title.split()[0].removeprefix("ray::").replace(":", "-")
+            out[name] = p.pid
     return out
 
 

@@ -85,7 +85,27 @@ def _tokenizer_for(shape: Shape):
         return gpt2_tokenizer()
     from deployments.engine.pack import load_tokenizer
 
-    return load_tokenizer(REPO / "models" / "demo-lm" / "model")  # small and already trained
+    try:
+        return load_tokenizer(REPO / "models" / "demo-lm" / "model")  # small and already trained
+    except Exception:  # noqa: BLE001 - the demo pack being rebuilt: train a small one
+        from scripts.make_random_pack import build_tokenizer
+
+        return build_tokenizer(300, seed=0)
+
+
+def resolve_layers(shape: Shape, pack: Path) -> Shape:
+    """For an existing pack (demo), the SAE layers it really has (it may be rebuilt with other layers)."""
+    import dataclasses
+
+    from deployments.engine.pack import local_sae_set_dirs
+
+    if not shape.pack:
+        return shape
+    layers = tuple(sorted(int(k.split("-", 1)[0]) for k in local_sae_set_dirs(pack, shape.set_name) if k.split("-", 1)[0].isdigit()))
+    if not layers:
+        raise FileNotFoundError(f"{pack} has no SAEs in set {shape.set_name}")
+    single = shape.single_layer if shape.single_layer in layers else layers[-1]
+    return dataclasses.replace(shape, layers=layers[-3:], single_layer=single)
 
 
 def _stamp(shape: Shape) -> dict:

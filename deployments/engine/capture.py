@@ -126,6 +126,7 @@ class ModelRunner:
             names_filter=lambda name: name in hooks,
             stop_at_layer=stop_layer_for(hooks, self.model.cfg.n_layers),
             return_cache_object=False,
+            return_type=None,  # hooks only: never the [batch, pos, d_vocab] unembed (a third of GPT-2's FLOPs)
         )
         host = {h: cache[h].float().cpu().numpy() for h in hooks}
         return [{h: _unpad(h, host[h][i], n) for h in r.hooks} for i, (r, n) in enumerate(zip(requests, lengths))]

@@ -102,30 +102,34 @@ def rank_features(
     """
     sort_idx = list(sort_by_token_indexes or [])
     check_sort_indexes(sort_idx, feats.shape[0])
-    by_pos = feats.T  # [d_sae, seq]
-    if ignore_bos and by_pos.shape[1] > 0:
-        by_pos = by_pos.clone()
-        by_pos[:, 0] = 0
     candidates = None
+    cols = feats  # [seq, d_sae]; only the chosen rows are ever copied
     if feature_filter is not None:
         candidates = torch.tensor(sorted(set(feature_filter)), dtype=torch.long)
-        by_pos = by_pos[candidates]
-    if by_pos.shape[1] == 0:
-        max_values = torch.zeros(by_pos.shape[0])
-        max_index = torch.zeros(by_pos.shape[0], dtype=torch.long)
+        cols = cols[:, candidates]
+    zero_bos = ignore_bos and cols.shape[0] > 0
+    body = cols[1:] if zero_bos else cols  # a zeroed BOS column only matters as a 0 in the max and argmax
+    if body.shape[0] == 0:
+        max_values = torch.zeros(cols.shape[1])
     else:
-        max_values, _ = by_pos.max(dim=1)
-        # first argmax: the earliest position equal to the max
-        max_index = (by_pos == max_values[:, None]).float().argmax(dim=1)
-    sums = by_pos[:, sort_idx].sum(dim=1) if sort_idx else torch.zeros_like(max_values)
+        max_values = body.max(dim=0).values
+        if zero_bos:
+            max_values = max_values.clamp_min(0)
+    summed = [i for i in sort_idx if not (zero_bos and i == 0)]
+    sums = cols[summed].sum(dim=0) if summed else torch.zeros_like(max_values)
     key = sums if sort_idx else max_values
     order = torch.sort(key, descending=True, stable=True).indices[:num_results]
-    rows = by_pos[order]
+    rows = cols[:, order].T.contiguous()  # [num_results, seq]
+    if zero_bos:
+        rows[:, 0] = 0
+    max_values = max_values[order]
+    # first argmax: the earliest position equal to the max
+    max_index = (rows == max_values[:, None]).float().argmax(dim=1) if rows.shape[1] else torch.zeros_like(order)
     feature_ids = candidates[order] if candidates is not None else order
     return [
         FeatureActivation(index=int(f), values=r, max_value=float(mv), max_value_index=int(mi), sum_values=float(sv))
         for f, r, mv, mi, sv in zip(
-            feature_ids.tolist(), rows.tolist(), max_values[order].tolist(), max_index[order].tolist(), sums[order].tolist()
+            feature_ids.tolist(), rows.tolist(), max_values.tolist(), max_index.tolist(), sums[order].tolist()
         )
     ]
 
