@@ -16,7 +16,8 @@ features over the one ``--source`` SAE, so a request returns ``len(features) x t
 encoded next to its model replica; dense activations never leave the cluster's SAE shard). Each actor keeps only
 its batch's top ``--top`` per feature, and the driver merges those into the final top list in O(features x top)
 memory. Texts over the app's token limit are skipped and counted (``n_skipped_too_long`` in the file's
-metadata and the summary line), as are null texts.
+metadata and the summary line), as are null texts. A local ``--dataset`` path is read on the driver's node (the
+RayJob's ``/data`` is on the head only); ``s3://``-style URIs are read from any node.
 
 Output: Parquet, one row per (feature, rank); see ``OUTPUT_SCHEMA``. The file's schema metadata ``saeserve``
 holds a JSON summary (model, source, features, top, n_texts, n_skipped_too_long, n_skipped_empty).
@@ -193,20 +194,40 @@ class _Scorer:
         return pa.Table.from_pylist(out, schema=CANDIDATE_SCHEMA)
 
 
-def read_dataset(path: str, text_column: str = "text", num_cpus: float = 0.25):
+def read_dataset(path: str, text_column: str = "text", num_cpus: float = 0.25, fmt: str = "auto"):
     """A Ray Dataset of a JSONL or Parquet file (or a directory of them) with a ``text_column``.
 
-    Read tasks ask for ``num_cpus`` (default 1 in Ray Data): on a cluster whose CPUs the Serve replicas already
-    hold, a 1-CPU read task would wait forever."""
+    A plain local path is read on the driver's node (read tasks carry a ``ray.io/node-id`` label selector, as
+    Ray Data's deprecated ``local://`` scheme does): the job's files live there (the RayJob's ``/data`` is a
+    head-only volume), so read tasks must not land on other nodes, and they ask for no CPU since a head is often
+    started with ``num-cpus: 0``. URIs (``s3://``, ``gs://``, ...) are read anywhere, with
+    ``num_cpus`` per read task (Ray Data's default of 1 could wait forever behind the Serve replicas)."""
     import os
 
+    import ray
     import ray.data
 
-    p = path.rstrip("/")
-    if os.path.isdir(p):
-        is_parquet = any(n.endswith((".parquet", ".pq")) for n in os.listdir(p))
+    is_uri = "://" in path
+    if is_uri:
+        location, name, remote = path, path.rstrip("/"), dict(num_cpus=num_cpus)
     else:
-        is_parquet = p.endswith((".parquet", ".pq"))
+        name = location = os.path.abspath(path)
+        if not os.path.exists(name):
+            raise ValueError(f"{path}: no such file or directory (on the driver's node)")
+        remote = dict(num_cpus=0, label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
+    is_dir = not is_uri and os.path.isdir(name)
+    if fmt not in ("auto", "jsonl", "parquet"):
+        raise ValueError(f"format must be auto, jsonl or parquet, not {fmt!r}")
+    if fmt != "auto":
+        is_parquet = fmt == "parquet"
+    elif is_dir:
+        is_parquet = any(n.endswith((".parquet", ".pq")) for n in os.listdir(name))
+    elif name.endswith((".parquet", ".pq")):
+        is_parquet = True
+    elif name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
+        is_parquet = False
+    else:
+        raise ValueError(f"{path}: cannot tell the format from the name; pass format (--format) jsonl or parquet")
     if is_parquet:
         # The V1 Parquet reader: V2 (Ray 2.60's default) lists files in a task that always asks for a whole CPU.
         ctx = ray.data.DataContext.get_current()
@@ -214,15 +235,13 @@ def read_dataset(path: str, text_column: str = "text", num_cpus: float = 0.25):
         if v2 is not None:
             ctx.use_datasource_v2 = False
         try:
-            ds = ray.data.read_parquet(path, columns=[text_column], num_cpus=num_cpus)
+            ds = ray.data.read_parquet(location, columns=[text_column], **remote)
         finally:
             if v2 is not None:
                 ctx.use_datasource_v2 = v2
-    elif os.path.isdir(p) or p.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
-        ds = ray.data.read_json(path, lines=True, num_cpus=num_cpus,
-                                file_extensions=["json", "jsonl", "ndjson", "gz"] if os.path.isdir(p) else None)
     else:
-        raise ValueError(f"{path}: expected a .jsonl/.json or .parquet file (or a directory of them)")
+        ds = ray.data.read_json(location, lines=True, **remote,
+                                file_extensions=["json", "jsonl", "ndjson", "gz"] if is_dir else None)
     cols = ds.columns()
     if text_column not in cols:
         raise ValueError(f"{path}: no {text_column!r} column (columns: {cols})")
@@ -247,11 +266,13 @@ def extract_top_contexts(
     text_column: str = "text",
     num_cpus: float = 0.25,
     progress: bool = True,
+    fmt: str = "auto",
 ) -> pa.Table:
     """Each feature's ``top`` contexts over the dataset, as a table of ``OUTPUT_SCHEMA``, sorted by feature (in
     the order given) then rank. ``handle`` is ``serve.get_app_handle(<app>)``; Ray must be initialised.
     ``model`` defaults to the app's own model id. Raises ValueError for a bad source or feature, and the
-    app's RequestError for any other request the app refuses."""
+    app's RequestError for any other request the app refuses. A local ``dataset_path`` is read on this
+    (the driver's) node; see ``read_dataset``."""
     from ray.data import DataContext
 
     features = list(dict.fromkeys(int(f) for f in features))
@@ -273,7 +294,7 @@ def extract_top_contexts(
                    ignore_bos=True)
 
     DataContext.get_current().enable_progress_bars = progress
-    ds = read_dataset(str(dataset_path), text_column, num_cpus)
+    ds = read_dataset(str(dataset_path), text_column, num_cpus, fmt)
     scored = ds.map_batches(
         _Scorer,
         fn_constructor_kwargs=dict(handle=handle, request=request, feature_groups=groups, max_batch_prompts=max_batch,
@@ -334,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="Ray Data actors sending requests (default: 1)")
     p.add_argument("--window", type=int, default=8, help="tokens of context_left/context_right (default: 8)")
     p.add_argument("--text-column", default="text", help="the dataset's text column (default: text)")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet"],
+                   help="dataset format (default: auto, from the file names)")
     p.add_argument("--num-cpus", type=float, default=0.25, help="CPUs reserved per Ray Data actor and read task (default: 0.25; they mostly wait on the app)")
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the job's cluster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -363,7 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         table = extract_top_contexts(handle, args.dataset, args.source, features, args.top, model=args.model,
                                      batch_size=args.batch_size, concurrency=args.concurrency, window=args.window,
-                                     text_column=args.text_column, num_cpus=args.num_cpus, progress=not args.no_progress)
+                                     text_column=args.text_column, num_cpus=args.num_cpus, progress=not args.no_progress,
+                                     fmt=args.format)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

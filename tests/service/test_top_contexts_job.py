@@ -135,7 +135,7 @@ def test_top_contexts_equal_brute_force(table, brute_force, features):
                 alt = next(x for x in full if x["text"] == g["text"])
                 assert close(alt["activation"], w["activation"]) and alt["token_index"] == g["token_index"], (f, g, w)
                 w = alt
-            assert g["source"] == SOURCE and g["source"] == SOURCE
+            assert g["source"] == SOURCE
             assert g["tokens"] == w["tokens"]
             assert g["token"] == w["tokens"][g["token_index"]]
             assert all(close(a, b) for a, b in zip(g["values"], w["values"])) and len(g["values"]) == len(w["values"])
@@ -160,6 +160,12 @@ def test_bad_arguments(handle, dataset):
         extract_top_contexts(handle, str(dataset["jsonl"]), SOURCE, [0, 10**6])
     with pytest.raises(ValueError, match="no 'body' column"):
         extract_top_contexts(handle, str(dataset["jsonl"]), SOURCE, [0], text_column="body")
+    with pytest.raises(ValueError, match="no such file"):
+        extract_top_contexts(handle, str(dataset["jsonl"].parent / "missing.jsonl"), SOURCE, [0])
+    odd = dataset["jsonl"].parent / "contexts.txt"
+    odd.write_text(dataset["jsonl"].read_text())
+    with pytest.raises(ValueError, match="--format"):
+        extract_top_contexts(handle, str(odd), SOURCE, [0])
     assert parse_features("3, 1,5-7,3") == [3, 1, 5, 6, 7]
 
 
