@@ -104,9 +104,12 @@ def run_baseline(pack: Path, shape: Shape, workloads: list[Workload], prompts: l
 # --- the service -----------------------------------------------------------------------------------------
 
 
-def app_args_for(pack: Path, shape: Shape, device: str, overrides: dict, deployment_options: dict) -> dict:
-    from .service import pinned_options
+def app_args_for(pack: Path, shape: Shape, device: str, overrides: dict, deployment_options: dict,
+                 torch_threads: int | None = None) -> dict:
+    from .service import pinned_options, threads_options
 
+    if torch_threads:
+        deployment_options = {**threads_options(torch_threads), **deployment_options}
     args = dict(model=str(pack), sae_sets=[shape.set_name], device=device, token_limit=max(200, shape.prompt_tokens[1]),
                 deployment_options=pinned_options(deployment_options))
     args.update(overrides)
@@ -266,6 +269,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-seconds", type=float, default=90, help="stop dispatching a cell's requests after this")
     p.add_argument("--app-arg", action="append", default=[], metavar="KEY=JSON", help="AppArgs override (repeatable)")
     p.add_argument("--deployment-options", default="{}", help="JSON merged over one pinned replica per deployment")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads in ModelDeployment and SAEShard (Ray gives fractional-CPU actors 1)")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--profile", default=None, metavar="WORKLOAD:CONC", help="py-spy every replica during that cell")
@@ -306,7 +311,8 @@ def main(argv=None) -> dict:
     if not a.skip_service:
         from . import service
 
-        app_args = app_args_for(pack, shape, a.device, parse_kv(a.app_arg), json.loads(a.deployment_options))
+        app_args = app_args_for(pack, shape, a.device, parse_kv(a.app_arg), json.loads(a.deployment_options),
+                                a.torch_threads)
         result["settings"]["app_args"] = {k: v for k, v in app_args.items() if k != "model"}
         print(f"# starting the service ({shape.name}, {a.device})", flush=True)
         base = service.start(app_args)

@@ -25,6 +25,21 @@ def pinned_options(deployment_options: dict | None) -> dict:
     return opts
 
 
+def threads_options(n: int) -> dict:
+    """Deployment options giving ModelDeployment and SAEShard ``n`` torch threads (OMP_NUM_THREADS in their env)."""
+    from deployments.model import ModelDeployment
+    from deployments.sae_shard import SAEShard
+
+    out = {}
+    for d in (ModelDeployment, SAEShard):
+        opts = dict(d.ray_actor_options or {})
+        env = dict((opts.get("runtime_env") or {}).get("env_vars") or {})
+        env["OMP_NUM_THREADS"] = str(n)
+        opts["runtime_env"] = {**(opts.get("runtime_env") or {}), "env_vars": env}
+        out[d.name] = {"ray_actor_options": opts}
+    return out
+
+
 def start(app_args: dict, num_cpus: int | None = None, timeout_s: float = 300) -> str:
     """Start Ray and the app; returns the base URL once /health answers 200."""
     import ray
