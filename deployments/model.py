@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import numpy as np
 from ray import serve
 
 from deployments.engine.capture import CaptureRequest, ModelRunner
+from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.loading import load_model, resolve_device
 
 log = logging.getLogger("saeserve.model")
@@ -38,9 +40,15 @@ class ModelMetrics:
 )
 class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
-                 capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005):
+                 capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005,
+                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.005):
         self.device = resolve_device(device)
         self.runner = ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device)
+        # Generation adds steering hooks to the shared model for each forward pass: capture and generation take
+        # turns on the model (a capture waits at most one decode step).
+        self._model_lock = threading.Lock()
+        self.generator = GenerationScheduler(self.runner.model, max_rows=generate_batch_rows,
+                                             wait_s=generate_batch_wait_s, lock=self._model_lock)
         self._metrics = ModelMetrics()
         self._capture_batch.set_max_batch_size(capture_batch_size)
         self._capture_batch.set_batch_wait_timeout_s(capture_batch_wait_s)
@@ -60,7 +68,31 @@ class ModelDeployment:
         self._metrics.batch_size.observe(len(items))
         for t, _ in items:
             self._metrics.queue_wait_ms.observe((now - t) * 1000)
-        return await asyncio.to_thread(self.runner.capture, [r for _, r in items])
+        return await asyncio.to_thread(self._locked_capture, [r for _, r in items])
+
+    def _locked_capture(self, requests: list[CaptureRequest]):
+        with self._model_lock:
+            return self.runner.capture(requests)
+
+    async def generate(self, requests: list[GenerationRequest]):
+        """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).
+
+        The rows (a request's STEERED and DEFAULT variants) join one batch with whatever else is in flight; each
+        yield is that step's ``StepEvent``s for these rows. A caller that goes away cancels its rows.
+        """
+        for r in requests:
+            for sv in r.steering:
+                self.runner.check_hook(sv.hook)
+        sub = self.generator.submit(requests)
+        try:
+            async for events in sub:
+                yield events
+        finally:
+            sub.cancel()
+
+    async def generation_stats(self) -> dict:
+        """Waves, rows, tokens and rows in flight (``active_rows``) of this replica's generation scheduler."""
+        return dict(self.generator.stats)
 
     def check_health(self) -> None:
         """Fails when the model is gone or its device is unusable, so Serve replaces this replica."""

@@ -24,7 +24,9 @@ from .auth import install_auth
 from .errors import install_error_handlers
 from .limits import LimitsMiddleware
 from .routes import activation, current, install, legacy, util
+from .routes import steer as steer_routes
 from .service import SAEService
+from .steer import Steering
 
 log = logging.getLogger("saeserve.ingress")
 
@@ -39,6 +41,7 @@ app.add_middleware(LimitsMiddleware)  # outermost: size and time limits wrap eve
 app.include_router(activation.router)
 app.include_router(util.router)
 app.include_router(legacy.router)
+app.include_router(steer_routes.router)
 
 
 @app.get("/health", response_model=S.HealthResponse, responses={503: {"model": S.HealthResponse}})
@@ -96,6 +99,13 @@ class SAEServeIngress:
 
     async def util_sae_vector(self, req: S.UtilSaeVectorRequest) -> S.UtilSaeVectorResponse:
         return await self.service.util_sae_vector(req)
+
+    async def steer_completion(self, req: S.SteerCompletionRequest) -> S.SteerCompletionPost200Response:
+        """The final response (``stream`` is ignored here; stream over HTTP)."""
+        return await Steering(self.service).completion(req)
+
+    async def steer_completion_chat(self, req: S.SteerCompletionChatPostRequest) -> S.SteerCompletionChatPost200Response:
+        return await Steering(self.service).completion(req)
 
     async def capabilities(self) -> S.CapabilitiesResponse:
         """GET /v1/capabilities for handle callers (model id, SAEs, limits); same answer as over HTTP."""

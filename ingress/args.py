@@ -34,6 +34,7 @@ class AppArgs(BaseModel):
     sae_dtype: DType = "float32"
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     token_limit: int = Field(200, ge=1, description="Most tokens in one prompt (after BOS/chat template); also capped by the model's n_ctx")
+    max_completion_tokens: int = Field(256, ge=1, description="Most new tokens one steer/completion may ask for (n_completion_tokens)")
     max_batch_prompts: int = Field(16, ge=1, description="Most prompts in one *-batch request")
     max_num_results: int = Field(1000, ge=1, description="Cap on activation/all num_results")
     max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token top_k")

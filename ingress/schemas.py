@@ -325,3 +325,119 @@ class SteerMethod(str, Enum):
     SIMPLE_ADDITIVE = "SIMPLE_ADDITIVE"
     ORTHOGONAL_DECOMP = "ORTHOGONAL_DECOMP"
     PROJECTION_CAP = "PROJECTION_CAP"
+
+
+# --- steer/completion, steer/completion-chat ----------------------------------------------------------------
+
+
+class NPSteerFeature(Wire):
+    model: StrictStr
+    source: StrictStr
+    index: StrictInt
+    strength: Number
+    steering_vector: Optional[list[Number]] = None  # ignored: the vector is the SAE's decoder row W_dec[index]
+
+
+class NPSteerVector(Wire):
+    steering_vector: list[Number]
+    strength: Number
+    hook: StrictStr
+
+
+class NPSteerChatMessage(Wire):
+    content: StrictStr
+    role: StrictStr
+
+
+class _SteerRequestBase(Wire):
+    model: StrictStr
+    steer_method: SteerMethod
+    normalize_steering: StrictBool
+    types: list[SteerType]
+    features: Optional[list[NPSteerFeature]] = None
+    vectors: Optional[list[NPSteerVector]] = None
+    n_completion_tokens: StrictInt
+    temperature: Number
+    strength_multiplier: Number
+    freq_penalty: Number
+    seed: Number
+    stream: Optional[StrictBool] = False
+    n_logprobs: Optional[StrictInt] = 0
+
+
+class SteerCompletionRequest(_SteerRequestBase):
+    prompt: StrictStr
+
+
+class SteerCompletionChatPostRequest(_SteerRequestBase):
+    prompt: list[NPSteerChatMessage]
+    is_assistant_axis: Optional[StrictBool] = False  # accepted; persona monitoring is not implemented (no assistant_axis)
+    steer_special_tokens: StrictBool
+
+
+class NPLogprobTop(Wire):
+    token: str
+    logprob: float
+
+
+class NPLogprob(Wire):
+    token: str
+    logprob: float
+    top_logprobs: list[NPLogprobTop]
+
+
+class NPSteerCompletionResponseInner(Wire):
+    type: SteerType
+    output: str
+    logprobs: Optional[list[NPLogprob]] = None
+
+
+class SteerCompletionPost200Response(Wire):
+    outputs: list[NPSteerCompletionResponseInner]
+
+
+class NPSteerChatResult(Wire):
+    chat_template: list[NPSteerChatMessage]
+    raw: str
+    type: Optional[SteerType] = None
+    logprobs: Optional[list[NPLogprob]] = None
+
+
+class SteerCompletionChatPost200Response(Wire):
+    outputs: list[NPSteerChatResult]
+    input: NPSteerChatResult
+
+
+# --- legacy POST /completion (secret in the body; keys = requested types, lower case) ------------------------
+
+
+class LegacySteerFeature(Wire):
+    layer: StrictStr  # the SAE id, e.g. "0-res-demo"
+    index: Union[StrictInt, StrictStr]
+    strength: Number
+
+
+class LegacyCompletionRequest(Wire):
+    prompt: StrictStr
+    model: StrictStr
+    features: list[LegacySteerFeature]
+    secret: Optional[StrictStr] = None
+    instruct: StrictBool = False
+    types: list[StrictStr] = Field(default_factory=lambda: ["steered", "default"])
+    n_completion_tokens: StrictInt = 64
+    temperature: Number = 1.0
+    strength_multiplier: Number = 1.0
+    freq_penalty: Number = 0.0
+    seed: Number = 0
+    steer_method: SteerMethod = SteerMethod.SIMPLE_ADDITIVE
+    normalize_steering: StrictBool = False
+
+
+class LegacyCompletionOutput(Wire):
+    chat_template: Optional[list[NPSteerChatMessage]] = None  # instruct only
+    raw: str
+
+
+class LegacyCompletionResponse(Wire):
+    steered: Optional[LegacyCompletionOutput] = None
+    default: Optional[LegacyCompletionOutput] = None

@@ -1,0 +1,298 @@
+"""Steering: validate a steer request, resolve its features to decoder rows, template and tokenise the prompt,
+generate on ModelDeployment (STEERED and DEFAULT rows together), and shape the (streamed) reply.
+
+    prepared = await Steering(svc).prepare(req)        # every 4xx is raised here, before anything streams
+    async for response in prepared.stream(): ...       # the whole cumulative response after each step
+    response = await prepared.final()                  # or just the last one
+
+Nothing here imports Ray: handles are duck-typed, as in ``service.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Union
+
+from deployments.engine import features as F
+from deployments.engine import tokens as T
+from deployments.engine.errors import RequestError
+from deployments.engine.generate import MAX_LOGPROBS, GenerationRequest, StepEvent, torch_seed
+from deployments.engine.steering import SteerVector, prepare_vector
+
+from . import schemas as S
+from .service import SAEService, unwrap_remote_error
+
+ChatRequest = S.SteerCompletionChatPostRequest
+AnyRequest = Union[S.SteerCompletionRequest, ChatRequest]
+ASSISTANT = "assistant"
+
+
+def chatml(messages: list[dict]) -> str:
+    """The generic ChatML form, for tokenizers without a chat template."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + f"<|im_start|>{ASSISTANT}\n"
+
+
+def apply_chat_template(tokenizer, messages: list[dict]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template that rejects the conversation (e.g. roles must alternate)
+            raise RequestError(f"The model's chat template rejected these messages: {e}") from None
+    return chatml(messages)
+
+
+def strip_bos(tokenizer, text: str) -> str:
+    bos = tokenizer.bos_token
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def _finite(value, what: str) -> float:
+    v = float(value)
+    if not math.isfinite(v):
+        raise RequestError(f"{what} must be a finite number, got {value}")
+    return v
+
+
+@dataclass
+class _Out:
+    """One generated variant, as it grows."""
+
+    type: S.SteerType
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[S.NPLogprob] = field(default_factory=list)
+    done: bool = False
+
+
+class Prepared:
+    """A validated steer request, ready to generate."""
+
+    def __init__(self, steering: "Steering", req: AnyRequest, chat: bool, ids: list[int], rows: list[GenerationRequest],
+                 kinds: list[S.SteerType], prompt_text: str, messages: Optional[list[dict]]):
+        self.steering = steering
+        self.svc = steering.svc
+        self.req = req
+        self.chat = chat
+        self.ids = ids
+        self.rows = rows
+        self.kinds = kinds  # the unique types, one row each, in first-seen order
+        self.prompt_text = prompt_text  # completion: the prompt; chat: the templated prompt without BOS
+        self.messages = messages
+        self.n_logprobs = req.n_logprobs or 0
+        self._str: dict[int, str] = {}
+
+    # --- shaping ---------------------------------------------------------------------------------------------
+
+    def _tok_str(self, t: int) -> str:
+        s = self._str.get(t)
+        if s is None:
+            s = self._str[t] = T.str_tokens(self.svc.tokenizer, [t])[0]
+        return s
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.svc.tokenizer.decode(tokens, clean_up_tokenization_spaces=False) if tokens else ""
+
+    def _logprob(self, e: StepEvent) -> S.NPLogprob:
+        fin = lambda v: max(float(v), -1e30)  # JSON has no -inf
+        return S.NPLogprob(token=self._tok_str(e.token), logprob=fin(e.logprob), top_logprobs=[
+            S.NPLogprobTop(token=self._tok_str(t), logprob=fin(v)) for t, v in zip(e.top_tokens, e.top_logprobs)])
+
+    def response(self, outs: dict[S.SteerType, _Out]):
+        lp = lambda o: o.logprobs if self.n_logprobs > 0 else None
+        if not self.chat:
+            return S.SteerCompletionPost200Response(outputs=[
+                S.NPSteerCompletionResponseInner(type=t, output=self.prompt_text + self._text(outs[t].tokens), logprobs=lp(outs[t]))
+                for t in self.req.types])
+        msgs = [S.NPSteerChatMessage(**m) for m in self.messages]
+        results = []
+        for t in self.req.types:
+            text = self._text(outs[t].tokens)
+            results.append(S.NPSteerChatResult(
+                chat_template=[*msgs, S.NPSteerChatMessage(role=ASSISTANT, content=text)],
+                raw=self.prompt_text + text, type=t, logprobs=lp(outs[t])))
+        return S.SteerCompletionChatPost200Response(outputs=results, input=S.NPSteerChatResult(chat_template=msgs, raw=self.prompt_text))
+
+    # --- running ---------------------------------------------------------------------------------------------
+
+    async def stream(self) -> AsyncIterator:
+        """The whole cumulative response after each generation step; the last one is the final response."""
+        outs = {t: _Out(t) for t in self.kinds}
+        by_row = [outs[t] for t in self.kinds]
+        gen = self.svc.model.options(stream=True).generate.remote(self.rows)
+        try:
+            it = gen.__aiter__()
+            while not all(o.done for o in by_row):
+                try:
+                    step = await it.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as e:
+                    inner = unwrap_remote_error(e)
+                    if inner is not None:
+                        raise inner from None
+                    raise
+                for e in step:
+                    o = by_row[e.row]
+                    if e.token is not None:
+                        o.tokens.append(e.token)
+                        if self.n_logprobs > 0 and e.logprob is not None:
+                            o.logprobs.append(self._logprob(e))
+                    if e.finished:
+                        o.done = True
+                yield self.response(outs)
+        finally:
+            if not all(o.done for o in by_row):
+                gen.cancel()  # the client went away (or we failed): stop generating its rows
+
+    async def final(self):
+        last = None
+        async for last in self.stream():
+            pass
+        return last
+
+
+class Steering:
+    def __init__(self, svc: SAEService):
+        self.svc = svc
+
+    # --- validation ------------------------------------------------------------------------------------------
+
+    def _check_scalars(self, req: AnyRequest) -> None:
+        svc = self.svc
+        svc.check_model(req.model)
+        if not req.types:
+            raise RequestError("types is empty: ask for STEERED, DEFAULT or both")
+        has_f, has_v = bool(req.features), bool(req.vectors)
+        if has_f == has_v:
+            raise RequestError("Send exactly one of features or vectors (a non-empty list)")
+        n_lp = req.n_logprobs or 0
+        if not 0 <= n_lp <= MAX_LOGPROBS:
+            raise RequestError(f"n_logprobs must be between 0 and {MAX_LOGPROBS}, got {n_lp}")
+        temp = _finite(req.temperature, "temperature")
+        if temp < 0:
+            raise RequestError(f"temperature must be >= 0, got {req.temperature}")
+        _finite(req.freq_penalty, "freq_penalty")
+        _finite(req.strength_multiplier, "strength_multiplier")
+        _finite(req.seed, "seed")
+        torch_seed(req.seed)
+        if req.n_completion_tokens < 1:
+            raise RequestError(f"n_completion_tokens must be at least 1, got {req.n_completion_tokens}")
+        cap = svc.args.max_completion_tokens
+        if req.n_completion_tokens > cap:
+            raise RequestError(f"n_completion_tokens is {req.n_completion_tokens}, max is {cap}")
+
+    def _hook_width(self, hook: str) -> int:
+        shape = self.svc.info.hook_shapes.get(hook)
+        if shape is None:
+            raise RequestError(f"Unknown hook: {hook}. Hooks look like blocks.0.hook_resid_post")
+        return math.prod(shape)
+
+    async def _vectors(self, req: AnyRequest) -> list[SteerVector]:
+        """Each feature/vector as (hook, vector, coeff): features resolve to W_dec rows on their SAE's shard."""
+        svc = self.svc
+        method = req.steer_method.value
+        mult = float(req.strength_multiplier)
+        raw: list[tuple[str, object, float, str]] = []  # hook, vector, coeff, label
+        if req.features:
+            by_source: dict[str, list[int]] = {}
+            for f in req.features:
+                svc.check_model(f.model)
+                spec = svc.spec(f.source)
+                F.check_index(f.index, spec.d_sae, spec.id)
+                _finite(f.strength, f"strength of feature {f.source}/{f.index}")
+                by_source.setdefault(f.source, []).append(f.index)
+            sources = list(by_source)
+            rows = await asyncio.gather(*(svc._call(svc.on_shard(s).vectors.remote(by_source[s])) for s in sources))
+            lookup = {(s, i): r for s, rs in zip(sources, rows) for i, r in zip(by_source[s], rs)}
+            for f in req.features:
+                spec = svc.spec(f.source)
+                width = self._hook_width(spec.hook_name)
+                vec = lookup[(f.source, f.index)]
+                if len(vec) != width:
+                    raise RequestError(f"{f.source} decoder rows have length {len(vec)} but {spec.hook_name} has width {width}")
+                raw.append((spec.hook_name, vec, float(f.strength) * mult, f"feature {f.source}/{f.index}"))
+        else:
+            for k, v in enumerate(req.vectors):
+                width = self._hook_width(v.hook)
+                svc.check_finite(v.steering_vector, f"vectors[{k}].steering_vector")
+                if len(v.steering_vector) != width:
+                    raise RequestError(f"vectors[{k}].steering_vector has length {len(v.steering_vector)} but {v.hook} has width {width}")
+                _finite(v.strength, f"vectors[{k}].strength")
+                raw.append((v.hook, v.steering_vector, float(v.strength) * mult, f"vectors[{k}].steering_vector"))
+        return [SteerVector(hook=h, vector=prepare_vector(vec, coeff, method, req.normalize_steering, label), coeff=coeff,
+                            method=method) for h, vec, coeff, label in raw]
+
+    # --- preparation -----------------------------------------------------------------------------------------
+
+    async def prepare(self, req: AnyRequest) -> Prepared:
+        chat = isinstance(req, ChatRequest)
+        svc = self.svc
+        self._check_scalars(req)
+        await svc.ensure_ready()
+        tok = svc.tokenizer
+        messages = None
+        if chat:
+            messages = [{"role": m.role, "content": m.content} for m in req.prompt]
+            if not messages:
+                raise RequestError("prompt is empty: send at least one message")
+            templated = apply_chat_template(tok, messages)
+            prompt_text = strip_bos(tok, templated)
+        else:
+            templated = prompt_text = req.prompt
+        ids = T.feature_tokens(tok, templated)  # BOS first, exactly once
+        if not ids:
+            raise RequestError("prompt is empty")
+        T.check_token_limit(len(ids), svc.token_limit)
+        n_ctx = svc.info.n_ctx
+        if len(ids) + req.n_completion_tokens > n_ctx:
+            raise RequestError(f"Prompt ({len(ids)} tokens) + n_completion_tokens ({req.n_completion_tokens}) is more than the "
+                               f"model's context length ({n_ctx}); shorten the prompt or ask for fewer tokens")
+        vectors = await self._vectors(req)
+        no_steer = list(tok.all_special_ids) if chat and not req.steer_special_tokens else None
+        kinds = list(dict.fromkeys(req.types))
+        rows = [GenerationRequest(tokens=ids, max_new_tokens=req.n_completion_tokens, temperature=float(req.temperature),
+                                  freq_penalty=float(req.freq_penalty), seed=torch_seed(req.seed), n_logprobs=req.n_logprobs or 0,
+                                  steering=vectors if t == S.SteerType.STEERED else [], no_steer_tokens=no_steer)
+                for t in kinds]
+        return Prepared(self, req, chat, ids, rows, kinds, prompt_text, messages)
+
+    async def completion(self, req: AnyRequest):
+        """The final (non-streamed) response: for Ray handles and ``stream: false``."""
+        return await (await self.prepare(req)).final()
+
+    # --- legacy POST /completion -----------------------------------------------------------------------------
+
+    async def legacy_completion(self, req: S.LegacyCompletionRequest) -> S.LegacyCompletionResponse:
+        svc = self.svc
+        svc.check_body_secret(req.secret)
+        svc.check_model(req.model)
+        kinds = []
+        for t in req.types:
+            try:
+                kinds.append(S.SteerType(t.upper()))
+            except ValueError:
+                raise RequestError(f"Unknown type {t!r}: use 'steered' and/or 'default'") from None
+        feats = []
+        for f in req.features:
+            try:
+                idx = int(f.index)
+            except ValueError:
+                raise RequestError(f"index must be an integer feature index, got {f.index!r}") from None
+            feats.append(S.NPSteerFeature(model=req.model, source=f.layer, index=idx, strength=f.strength))
+        common = dict(model=req.model, steer_method=req.steer_method, normalize_steering=req.normalize_steering,
+                      types=kinds, features=feats, n_completion_tokens=req.n_completion_tokens,
+                      temperature=req.temperature, strength_multiplier=req.strength_multiplier,
+                      freq_penalty=req.freq_penalty, seed=req.seed)
+        out = {}
+        if req.instruct:
+            r = await self.completion(ChatRequest(prompt=[S.NPSteerChatMessage(role="user", content=req.prompt)],
+                                                  steer_special_tokens=True, **common))
+            for o in r.outputs:
+                out[o.type.value.lower()] = S.LegacyCompletionOutput(chat_template=o.chat_template, raw=o.raw)
+        else:
+            r = await self.completion(S.SteerCompletionRequest(prompt=req.prompt, **common))
+            for o in r.outputs:
+                out[o.type.value.lower()] = S.LegacyCompletionOutput(raw=o.output)
+        return S.LegacyCompletionResponse(**out)
