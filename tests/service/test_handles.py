@@ -5,6 +5,7 @@ that is a ``RequestError`` carrying the same message the HTTP route puts in ``{"
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
@@ -13,8 +14,11 @@ from deployments.engine.errors import RequestError
 from ingress import schemas as S
 from ingress.service import unwrap_remote_error
 
+from tests.conftest import demo_pack_dir
+
 from .conftest import MODEL_ID
 
+D_MODEL = json.loads((demo_pack_dir() / "model" / "config.json").read_text())["d_model"]  # the pack's width
 TEXT = "The cat sat on the mat."
 PROMPTS = ["The cat sat on the mat.", "Dogs bark at night", "hello world"]
 LONG = "word " * 200  # over the test app's token_limit of 64
@@ -27,7 +31,7 @@ OK_CASES = [
     ("activation_single", "/v1/activation/single",
      S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, source="1-res-demo", index="3")),
     ("activation_single", "/v1/activation/single",
-     S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, vector=[0.01 * i for i in range(64)], hook="blocks.0.hook_resid_post")),
+     S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, vector=[0.01 * i for i in range(D_MODEL)], hook="blocks.0.hook_resid_post")),
     ("activation_single", "/v1/activation/single",  # attention-output SAE: DFA fields
      S.ActivationSingleRequest(prompt=TEXT, model=MODEL_ID, source="0-att-demo", index="2")),
     ("activation_single_batch", "/v1/activation/single-batch",
@@ -49,7 +53,7 @@ OK_CASES = [
      S.UtilSaeTopkByDecoderCossimRequest(feature=S.NPFeature(model=MODEL_ID, source="0-res-demo", index=5), model=MODEL_ID,
                                          source="1-res-demo", num_results=10)),
     ("util_sae_topk_by_decoder_cossim", "/v1/util/sae-topk-by-decoder-cossim",
-     S.UtilSaeTopkByDecoderCossimRequest(vector=[math.sin(i) for i in range(64)], model=MODEL_ID, source="0-res-demo", num_results=5)),
+     S.UtilSaeTopkByDecoderCossimRequest(vector=[math.sin(i) for i in range(D_MODEL)], model=MODEL_ID, source="0-res-demo", num_results=5)),
     ("util_sae_vector", "/v1/util/sae-vector", S.UtilSaeVectorRequest(model=MODEL_ID, source="1-res-demo", index=7)),
 ]
 
@@ -80,6 +84,26 @@ BAD_CASES = [
      S.UtilSaeTopkByDecoderCossimRequest(model=MODEL_ID, source="0-res-demo", num_results=3), "exactly one of feature or vector"),
     ("util_sae_vector", "/v1/util/sae-vector", S.UtilSaeVectorRequest(model=MODEL_ID, source="1-res-demo", index=10**7), "out of range"),
 ]
+
+if hasattr(S, "SteerCompletionRequest"):  # steering: greedy (temperature 0), so both calls write the same text
+    STEER = dict(model=MODEL_ID, steer_method="SIMPLE_ADDITIVE", normalize_steering=False, types=["STEERED", "DEFAULT"],
+                 features=[S.NPSteerFeature(model=MODEL_ID, source="0-res-demo", index=3, strength=8)], n_completion_tokens=6,
+                 temperature=0, strength_multiplier=1, freq_penalty=0, seed=1, n_logprobs=2)
+    OK_CASES += [
+        ("steer_completion", "/v1/steer/completion", S.SteerCompletionRequest(prompt="the cat", **STEER)),
+        ("steer_completion_chat", "/v1/steer/completion-chat", S.SteerCompletionChatPostRequest(
+            prompt=[S.NPSteerChatMessage(role="user", content="where is the cat?")], steer_special_tokens=False, **STEER)),
+    ]
+    BAD_CASES += [
+        ("steer_completion", "/v1/steer/completion", S.SteerCompletionRequest(prompt="the cat", **{**STEER, "temperature": -1}),
+         "temperature must be >= 0"),
+    ]
+
+
+def ingress_class():
+    from ingress.app import SAEServeIngress
+
+    return getattr(SAEServeIngress, "func_or_class", SAEServeIngress)  # the class under @serve.deployment
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +138,10 @@ def assert_same(a, b, path="$", rtol=1e-6, atol=1e-7):
 
 def test_every_ingress_method_is_covered():
     """A new public method on the deployment (steering, ...) needs a case here and in the README."""
-    from ingress.app import SAEServeIngress
-
     covered = {c[0] for c in OK_CASES} | {"capabilities"}
-    public = {n for n, v in vars(SAEServeIngress).items() if not n.startswith("_") and asyncio.iscoroutinefunction(v)}
+    public = {n for klass in ingress_class().__mro__ if klass.__module__ == "ingress.app"  # not Serve's ASGI wrapper
+              for n, v in vars(klass).items() if not n.startswith("_") and asyncio.iscoroutinefunction(v)}
+    assert {"tokenize", "activation_all", "util_sae_vector", "capabilities"} <= public
     assert public - covered == set(), f"handle methods without a test: {sorted(public - covered)}"
 
 
@@ -126,16 +150,16 @@ def test_handle_equals_http(handle, http, method, route, req):
     got = getattr(handle, method).remote(req).result(timeout_s=120)
     r = http.post(route, json=wire(req))
     assert r.status_code == 200, r.text
-    assert type(got).__name__ == method_response_name(req), type(got)
+    assert type(got) is return_type(method), type(got)
     # The HTTP body parses into the same response model, and the two are equal field for field.
     assert_same(wire(got), wire(type(got).model_validate(r.json())))
     assert_same(wire(got), r.json())
 
 
-def method_response_name(req) -> str:
-    name = type(req).__name__
-    assert name.endswith("Request")
-    return name[: -len("Request")] + "Response"
+def return_type(method: str) -> type:
+    import typing
+
+    return typing.get_type_hints(getattr(ingress_class(), method))["return"]
 
 
 def test_handle_await_from_asyncio(handle, http):
