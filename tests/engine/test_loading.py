@@ -41,6 +41,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RELEASE = "gpt2-small-res-jb"
 D_MODEL = 64
 
+REPO_PACK = Path(__file__).resolve().parents[2] / "models" / "demo-lm"
+
 
 # --- a Hugging Face cache with a real release's names --------------------------------------------
 
@@ -281,7 +283,8 @@ def test_config_file_forms_and_paths(tmp_path, arch_config):
     assert specs[1].architecture == "gated" and specs[3].architecture == "jumprelu"
     # a config's set name wins over the pack's; the pack's other sets still resolve
     both = resolve_sae_specs("models/demo-lm", ["res-demo", "mine"], sae_config=str(p))
-    assert [s.set_name for s in both] == ["res-demo", "res-demo", "mine", "mine"]
+    n_layers = json.loads((REPO_PACK / "model" / "config.json").read_text())["n_layers"]
+    assert [s.set_name for s in both] == ["res-demo"] * n_layers + ["mine", "mine"]
     # AppArgs takes model and model_id from the file unless given
     from ingress.args import AppArgs
 
@@ -293,10 +296,12 @@ def test_config_file_forms_and_paths(tmp_path, arch_config):
 
 
 def test_demo_pack_still_resolves_and_loads():
+    n_layers = json.loads((REPO_PACK / "model" / "config.json").read_text())["n_layers"]
+    ids = [f"{i}-res-demo" for i in range(n_layers)]
     specs = resolve_sae_specs("models/demo-lm", ["res-demo"])
-    assert [s.id for s in specs] == ["0-res-demo", "1-res-demo"] and all(s.path for s in specs)
+    assert [s.id for s in specs] == ids and all(s.path for s in specs)
     loaded = list(load_saes(specs, "cpu", "float16"))
-    assert [s.id for s, _ in loaded] == ["0-res-demo", "1-res-demo"]
+    assert [s.id for s, _ in loaded] == ids
     assert loaded[0][1].W_enc.dtype == torch.float16
     assert sae_nbytes(loaded[0][1]) == sum(p.numel() * 2 for p in loaded[0][1].parameters())
     m = load_model("models/demo-lm", "auto", "bfloat16")

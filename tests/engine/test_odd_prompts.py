@@ -45,7 +45,8 @@ def test_odd_prompts_match_direct(pack_dir, core, text):
         with pytest.raises(RequestError, match="Text too long"):
             T.check_token_limit(len(ids), m.cfg.n_ctx)
         return
-    assert T.str_tokens(runner.tokenizer, ids) == m.to_str_tokens(prompt, prepend_bos=False)
+    # from the ids: to_str_tokens(str) truncates one token early at exactly n_ctx (BOS added, cut, then removed)
+    assert T.str_tokens(runner.tokenizer, ids) == m.to_str_tokens(torch.tensor(ids))
     acts = runner.capture([CaptureRequest(ids, [spec.hook_name])])[0][spec.hook_name]
     feats = F.encode(sae, acts)
     _, _, ref = R.feature_acts(str(pack_dir), text, "res-demo", spec.layer)
