@@ -13,6 +13,8 @@ import pytest
 from .conftest import MODEL_ID
 
 APP = "faults"
+# Small CPU requests: these apps share the session's 2 CPUs with the main app.
+SMALL = {name: {"ray_actor_options": {"num_cpus": 0.05}} for name in ("SAEServeIngress", "ModelDeployment", "SAEShard")}
 BODY = {"prompt": "the cat sat on the mat", "model": MODEL_ID, "source_set": "res-demo", "selected_sources": [],
         "sort_by_token_indexes": [], "ignore_bos": True, "num_results": 5}
 
@@ -24,7 +26,8 @@ def faults_app(serve_app, pack_dir):
     from ingress.app import build_app
     from ingress.args import AppArgs
 
-    serve.run(build_app(AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=None)), name=APP, route_prefix=f"/{APP}")
+    serve.run(build_app(AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=None, deployment_options=SMALL)),
+              name=APP, route_prefix=f"/{APP}")
     yield f"{serve_app}/{APP}"
     serve.delete(APP)
 
@@ -98,7 +101,7 @@ def test_queue_full_is_503_with_retry_after(serve_app, pack_dir):
     from ingress.app import build_app
     from ingress.args import AppArgs
 
-    opts = {"ModelDeployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+    opts = {**SMALL, "ModelDeployment": {**SMALL["ModelDeployment"], "max_ongoing_requests": 1, "max_queued_requests": 1}}
     serve.run(build_app(AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=None, capture_batch_size=1,
                                 deployment_options=opts)), name="queue", route_prefix="/queue")
     try:
