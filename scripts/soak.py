@@ -3,7 +3,7 @@
 Reports requests served, errors by status, p50/p95 latency, and each replica's memory (RSS) after warm-up
 and at the end. Bounded in requests and time; stops by itself.
 
-    python scripts/soak.py --seconds 300 --concurrency 16 --out benchmarks/results/soak.json
+    python scripts/soak.py --seconds 300 --concurrency 16 --out benchmarks/soak/soak.json
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-requests", type=int, default=200_000)
     ap.add_argument("--pack", default="models/demo-lm")
-    ap.add_argument("--out", default="benchmarks/results/soak.json")
+    ap.add_argument("--out", default="benchmarks/soak/soak.json")
     a = ap.parse_args(argv)
 
     import httpx
