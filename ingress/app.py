@@ -68,7 +68,7 @@ class SAEServeIngress:
     def __init__(self, args: dict, specs: list[dict], model_handle, sae_handle):
         a = AppArgs.model_validate(args)
         self.service = SAEService(a, [SAESpec(**s) for s in specs], model_handle, sae_handle)
-        install(self.service, a.resolved_secret())
+        install(self.service)
 
     async def tokenize(self, req: S.TokenizeRequest) -> S.TokenizeResponse:
         return await self.service.tokenize(req)

@@ -19,6 +19,7 @@ from deployments.engine.loading import SAESpec
 
 from . import schemas as S
 from .args import AppArgs
+from .auth import secret_matches
 from .errors import is_ray_unavailable
 
 log = logging.getLogger("saeserve.ingress")
@@ -48,6 +49,7 @@ class SAEService:
         self.model = model_handle
         self.shard = sae_handle
         self.model_ids = args.accepted_model_ids()
+        self.secret = args.resolved_secret()  # resolved once, in the replica (env SECRET lives there)
         self.tokenizer = None
         self.info = None
         self._ready_lock = asyncio.Lock()
@@ -396,10 +398,8 @@ class SAEService:
     # --- legacy routes -------------------------------------------------------------------------------
 
     def check_body_secret(self, given: str | None) -> None:
-        import hmac
-
-        secret = self.args.resolved_secret()
-        if secret and not (given is not None and hmac.compare_digest(given.encode(), secret.encode())):
+        """The legacy routes' secret, in the body: the same secret and comparison as the header's."""
+        if self.secret and not secret_matches(given, self.secret):
             raise RequestError("Invalid or missing secret", 401)
 
     async def legacy_activations_test(self, req: S.LegacyActivationsTestRequest) -> S.LegacyActivationsTestResponse:

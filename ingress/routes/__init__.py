@@ -24,10 +24,10 @@ def service() -> SAEService:
     return current.service
 
 
-def install(svc: SAEService, secret: Optional[str]) -> None:
+def install(svc: SAEService) -> None:
     """Called by the ingress replica's constructor. A function, not attribute assignment there: Ray
     pickles the deployment class by value, and with it any module object its methods reference."""
     current.service = svc
-    current.secret = secret
+    current.secret = svc.secret
     current.max_body_bytes = svc.args.max_body_bytes
     current.request_timeout_s = svc.args.request_timeout_s
