@@ -22,6 +22,7 @@ from deployments.engine import features as F
 from deployments.engine import geometry as G
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
+from deployments.engine.residency import Resident, evict_until
 
 log = logging.getLogger("saeserve.sae_shard")
 
@@ -41,17 +42,15 @@ class ShardMetrics:
                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
 
 
-class LoadedSAE:
+class LoadedSAE(Resident):
     """An SAE resident in this replica, with a count of operations using it (never evicted while > 0)."""
 
     def __init__(self, spec: SAESpec, sae):
+        super().__init__()
         self.spec = spec
         self.sae = sae
         self.nbytes = sae_nbytes(sae)
         self._decoder_index: G.DecoderIndex | None = None
-        self.users = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
 
     @property
     def decoder_index(self) -> G.DecoderIndex:
@@ -102,19 +101,18 @@ class SAEShard:
     async def _evict_for(self, incoming: int) -> None:
         wrapper = self._loader.__dict__["__serve_multiplex_wrapper"]
         models = wrapper.models
-        while models and (
-            len(models) >= self.max_loaded_saes
-            or (self.max_sae_bytes is not None and sum(m.nbytes for m in models.values()) + incoming > self.max_sae_bytes)
-        ):
-            victim_id, victim = next(iter(models.items()))
-            await victim.idle.wait()  # never under a running encode
-            if next(iter(models), None) != victim_id:
-                continue  # the LRU order changed while we waited
-            await wrapper.unload_model_lru()
+
+        def over_budget() -> bool:
+            return len(models) >= self.max_loaded_saes or (
+                self.max_sae_bytes is not None and sum(m.nbytes for m in models.values()) + incoming > self.max_sae_bytes)
+
+        def evicted(victim_id: str, victim: LoadedSAE) -> None:
             wrapper._push_multiplexed_replica_info = True  # tell routers this replica no longer holds it
             self.stats["evictions"] += 1
             self._metrics.evictions.inc()
             log.info("evicted SAE %s (%d bytes)", victim_id, victim.nbytes)
+
+        await evict_until(models, over_budget, wrapper.unload_model_lru, evicted)
 
     async def _load(self, sae_id: str) -> LoadedSAE:
         spec = self.specs.get(sae_id)
@@ -137,27 +135,28 @@ class SAEShard:
         s = await self._get(serve.get_multiplexed_model_id())
         if self.stats["loads"] == loads_before:
             self._metrics.hits.inc()
-        s.users += 1
-        s.idle.clear()
         try:
-            yield s
+            with s.held():  # no await since the lookup: the SAE cannot have been evicted in between
+                yield s
         finally:
-            s.users -= 1
-            if s.users == 0:
-                s.idle.set()
             resident = self._resident()
             self._metrics.resident.set(len(resident))
             self._metrics.resident_bytes.set(sum(m.nbytes for m in resident.values()))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, acts_list: list[np.ndarray]) -> list[torch.Tensor]:
-        """Concurrent encodes for one SAE (Serve splits batches by multiplexed id) in one call."""
-        s = await self._get(serve.get_multiplexed_model_id())
+    async def _encode_batch(self, acts_list: list[np.ndarray], held: list[LoadedSAE]) -> list[torch.Tensor]:
+        """Concurrent encodes for one SAE (Serve splits batches by multiplexed id) in one call.
+
+        The SAE comes from the callers, who hold it resident: a batch must never load (a load may wait for an
+        SAE in use to go idle, and its user may be queued behind this batch)."""
+        s = held[0]
         self._metrics.encode_batch_size.observe(len(acts_list))
 
         def run() -> list[torch.Tensor]:
             if len(acts_list) == 1:
                 return [F.encode(s.sae, acts_list[0])]
+            if any(h is not s for h in held):  # not expected (one id per batch, held resident); stay correct anyway
+                return [F.encode(h.sae, a) for h, a in zip(held, acts_list)]
             feats = F.encode(s.sae, np.concatenate(acts_list, axis=0))
             return list(torch.split(feats, [a.shape[0] for a in acts_list]))
 
@@ -167,7 +166,7 @@ class SAEShard:
                      dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> F.FeatureActivation:
         async with self._use() as s:
             F.check_index(index, s.spec.d_sae, s.spec.id)
-            feats = await self._encode_batch(acts)
+            feats = await self._encode_batch(acts, s)
 
             def run() -> F.FeatureActivation:
                 row = F.single_feature(feats, index, zero_positions, drop_first)
@@ -185,7 +184,7 @@ class SAEShard:
         async with self._use() as s:
             for i in feature_filter or []:
                 F.check_index(i, s.spec.d_sae, s.spec.id)
-            feats = await self._encode_batch(acts)
+            feats = await self._encode_batch(acts, s)
 
             def run() -> list[F.FeatureActivation]:
                 rows = F.rank_features(feats, num_results, sort_by_token_indexes, ignore_bos, feature_filter)
@@ -198,12 +197,12 @@ class SAEShard:
 
     async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
         async with self._use():
-            feats = await self._encode_batch(acts)
+            feats = await self._encode_batch(acts, s)
             return await asyncio.to_thread(F.topk_by_token, feats, top_k)
 
     async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
         async with self._use():
-            feats = await self._encode_batch(acts)
+            feats = await self._encode_batch(acts, s)
             return await asyncio.to_thread(F.active_entries, feats, skip_positions)
 
     async def vectors(self, indices: list[int]) -> np.ndarray:
