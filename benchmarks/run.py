@@ -94,7 +94,7 @@ def run_baseline(pack: Path, shape: Shape, workloads: list[Workload], prompts: l
         r = out[w.name]
         print(f"  baseline {w.name:7s} n={r.requests:3d} p50 {r.pct(.5):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s",
               flush=True)
-    del b
+    b = None  # release the baseline's weights before the service starts
     import gc
 
     gc.collect()

@@ -196,12 +196,12 @@ class SAEShard:
             return await asyncio.to_thread(run)
 
     async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
-        async with self._use():
+        async with self._use() as s:
             feats = await self._encode_batch(acts, s)
             return await asyncio.to_thread(F.topk_by_token, feats, top_k)
 
     async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
-        async with self._use():
+        async with self._use() as s:
             feats = await self._encode_batch(acts, s)
             return await asyncio.to_thread(F.active_entries, feats, skip_positions)
 

@@ -183,7 +183,7 @@ def _code_line(rng: random.Random) -> str:
         "else:",
         f"{a} = len({b})",
         f"import {fn}",
-        f"    return None",
+        "    return None",
         f"while {a} < {rng.randint(1, 99)}:",
     ])
 
