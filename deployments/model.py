@@ -1,12 +1,12 @@
 """ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner.
 
-Concurrent capture requests are batched into one forward pass (``@serve.batch``); the forward pass runs in
-a worker thread so the replica keeps answering health checks and describe() while it computes.
+Concurrent capture requests are batched into one forward pass (``@serve.batch``). All torch work (loading,
+capture, each generation step) runs on the replica's one ComputeThread, so the event loop keeps answering health
+checks and describe() while it computes, and CPU torch keeps one OpenMP team (see engine.compute).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -15,6 +15,7 @@ import numpy as np
 from ray import serve
 
 from deployments.engine.capture import CaptureRequest, ModelRunner
+from deployments.engine.compute import ComputeThread
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.loading import load_model, resolve_device
 
@@ -41,14 +42,16 @@ class ModelMetrics:
 class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005,
-                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.005):
+                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.005, torch_threads: int | None = None):
         self.device = resolve_device(device)
-        self.runner = ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device)
+        self.compute = ComputeThread("model-compute", torch_threads)
+        self.runner = self.compute.call(
+            lambda: ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device))
         # Generation adds steering hooks to the shared model for each forward pass: capture and generation take
-        # turns on the model (a capture waits at most one decode step).
+        # turns on the model (each decode step is one compute task, so a capture waits at most one step).
         self._model_lock = threading.Lock()
         self.generator = GenerationScheduler(self.runner.model, max_rows=generate_batch_rows,
-                                             wait_s=generate_batch_wait_s, lock=self._model_lock)
+                                             wait_s=generate_batch_wait_s, lock=self._model_lock, run=self.compute.run)
         self._metrics = ModelMetrics()
         self._capture_batch.set_max_batch_size(capture_batch_size)
         self._capture_batch.set_batch_wait_timeout_s(capture_batch_wait_s)
@@ -68,7 +71,7 @@ class ModelDeployment:
         self._metrics.batch_size.observe(len(items))
         for t, _ in items:
             self._metrics.queue_wait_ms.observe((now - t) * 1000)
-        return await asyncio.to_thread(self._locked_capture, [r for _, r in items])
+        return await self.compute.run(self._locked_capture, [r for _, r in items])
 
     def _locked_capture(self, requests: list[CaptureRequest]):
         with self._model_lock:

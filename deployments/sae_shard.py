@@ -8,7 +8,6 @@ encodes for one SAE run as one batch. Dense ``[seq, d_sae]`` activations never l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -20,6 +19,7 @@ from ray import serve
 
 from deployments.engine import features as F
 from deployments.engine import geometry as G
+from deployments.engine.compute import ComputeThread
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
 from deployments.engine.residency import Resident, evict_until
@@ -73,8 +73,10 @@ def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
 )
 class SAEShard:
     def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
-                 max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.002):
+                 max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.002,
+                 torch_threads: int | None = None):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
+        self.compute = ComputeThread("sae-compute", torch_threads)  # every torch op of this replica runs here
         self.device = resolve_device(device)
         self.dtype = dtype
         self.max_loaded_saes = max_loaded_saes
@@ -120,7 +122,7 @@ class SAEShard:
             raise RequestError(f"Invalid SAE ID or type: {sae_id}")
         await self._evict_for(estimated_nbytes(spec, self.dtype))
         t0 = time.monotonic()
-        sae = await asyncio.to_thread(load_sae, spec, self.device, self.dtype)
+        sae = await self.compute.run(load_sae, spec, self.device, self.dtype)
         loaded = LoadedSAE(spec, sae)
         self.stats["loads"] += 1
         self.stats["load_seconds"] += time.monotonic() - t0
@@ -160,7 +162,7 @@ class SAEShard:
             feats = F.encode(s.sae, np.concatenate(acts_list, axis=0))
             return list(torch.split(feats, [a.shape[0] for a in acts_list]))
 
-        return await asyncio.to_thread(run)
+        return await self.compute.run(run)
 
     async def single(self, acts: np.ndarray, index: int, zero_positions: list[int], drop_first: bool,
                      dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> F.FeatureActivation:
@@ -176,7 +178,7 @@ class SAEShard:
                     row.dfa_values = full[offset:]
                 return row
 
-            return await asyncio.to_thread(run)
+            return await self.compute.run(run)
 
     async def rank(self, acts: np.ndarray, num_results: int, sort_by_token_indexes: list[int], ignore_bos: bool,
                    feature_filter: list[int] | None, dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None,
@@ -193,33 +195,34 @@ class SAEShard:
                         row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, row.index, row.max_value_index)
                 return rows
 
-            return await asyncio.to_thread(run)
+            return await self.compute.run(run)
 
     async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
         async with self._use() as s:
             feats = await self._encode_batch(acts, s)
-            return await asyncio.to_thread(F.topk_by_token, feats, top_k)
+            return await self.compute.run(F.topk_by_token, feats, top_k)
 
     async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
         async with self._use() as s:
             feats = await self._encode_batch(acts, s)
-            return await asyncio.to_thread(F.active_entries, feats, skip_positions)
+            return await self.compute.run(F.active_entries, feats, skip_positions)
 
     async def vectors(self, indices: list[int]) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""
         async with self._use() as s:
             for i in indices:
                 F.check_index(i, s.spec.d_sae, s.spec.id)
-            return G.decoder_rows(s.sae.W_dec, indices).numpy()
+            return await self.compute.run(lambda: G.decoder_rows(s.sae.W_dec, indices).numpy())
 
     async def encoder_vector(self, index: int) -> list[float]:
         async with self._use() as s:
             F.check_index(index, s.spec.d_sae, s.spec.id)
-            return G.encoder_vector(s.sae.W_enc, index)
+            return await self.compute.run(G.encoder_vector, s.sae.W_enc, index)
 
     async def top_cosine(self, query: np.ndarray, num_results: int) -> tuple[list[int], list[float]]:
         async with self._use() as s:
-            return await asyncio.to_thread(s.decoder_index.top_cosine, torch.as_tensor(query), num_results)
+            # the index itself is built on first use: on the compute thread too
+            return await self.compute.run(lambda: s.decoder_index.top_cosine(torch.as_tensor(query), num_results))
 
     async def metrics(self) -> dict:
         """This replica's SAE cache: resident ids and bytes, loads, hits, evictions."""

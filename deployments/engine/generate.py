@@ -16,7 +16,8 @@ Batch invariance -- a row's tokens do not depend on what else is in its batch --
 - sampling is per row (``torch.multinomial(probs[row], generator=g_row)``), in float64 on the CPU.
 
 ``GenerationScheduler`` (asyncio, Ray-free) gathers the requests that arrive while a wave is collecting into one
-wave and runs it in a worker thread, streaming each step's tokens back to each submission through a queue.
+wave and runs it step by step off the event loop (each step one task, on the replica's compute thread), streaming
+each step's tokens back to each submission through a queue.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ class Submission:
 
 
 class GenerationScheduler:
-    """Gathers concurrent submissions into waves of at most ``max_rows`` rows and runs them in a worker thread.
+    """Gathers concurrent submissions into waves of at most ``max_rows`` rows and runs them off the event loop.
 
     A wave waits ``wait_s`` to collect, then runs to completion (every row done, at EOS, its token budget, or
     cancelled); submissions that arrive meanwhile form the next wave. Decode always uses ``max_rows`` rows when
@@ -305,8 +306,11 @@ class GenerationScheduler:
     """
 
     def __init__(self, model, max_rows: int = 16, wait_s: float = 0.005, pad_multiple: int = 64, fixed_rows: bool = True,
-                 lock: Optional[threading.Lock] = None):
+                 lock: Optional[threading.Lock] = None, run=None):
         self.model = model
+        # How a step's compute leaves the event loop: ``run(fn, *args)`` awaitable (a replica's ComputeThread.run,
+        # so every decode step is one task and other model work interleaves between steps).
+        self._compute = run or asyncio.to_thread
         self.max_rows = max_rows
         self.wait_s = wait_s
         self.pad_multiple = pad_multiple
@@ -352,9 +356,9 @@ class GenerationScheduler:
                     wave.append(sub)
                     rows += len(sub.requests)
                 if wave:
-                    await asyncio.to_thread(self._run_wave, wave, asyncio.get_running_loop())
+                    await self._run_wave(wave)
 
-    def _run_wave(self, wave: list[Submission], loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_wave(self, wave: list[Submission]) -> None:
         owner: list[tuple[Submission, int]] = [(sub, j) for sub in wave for j in range(len(sub.requests))]
         rows_of = [[i for i, (s, _) in enumerate(owner) if s is sub] for sub in wave]
         finished: set[int] = set()
@@ -364,13 +368,14 @@ class GenerationScheduler:
         self.stats["max_wave_rows"] = max(self.stats["max_wave_rows"], len(requests))
         self.stats["active_rows"] = len(requests)
         try:
-            gen = BatchGenerator(self.model, requests, decode_rows=self.max_rows if self.fixed_rows else None,
-                                 pad_multiple=self.pad_multiple, lock=self.lock)
+            gen = await self._compute(BatchGenerator, self.model, requests,
+                                      decode_rows=self.max_rows if self.fixed_rows else None,
+                                      pad_multiple=self.pad_multiple, lock=self.lock)
             while not gen.done:
                 for i, (sub, _) in enumerate(owner):
                     if sub.cancelled:
                         gen.cancel(i)
-                events = gen.step()
+                events = await self._compute(gen.step)
                 per_sub: dict[int, list[StepEvent]] = {}
                 for e in events:
                     sub, j = owner[e.row]
@@ -382,18 +387,22 @@ class GenerationScheduler:
                         per_sub.setdefault(id(sub), []).append(StepEvent(**{**e.__dict__, "row": j}))
                 for sub in wave:
                     if id(sub) in per_sub:
-                        loop.call_soon_threadsafe(sub.queue.put_nowait, per_sub[id(sub)])
+                        sub.queue.put_nowait(per_sub[id(sub)])
                 for k, sub in enumerate(wave):
                     if id(sub) not in finished and all(gen.rows[i].done is not None for i in rows_of[k]):
                         finished.add(id(sub))  # its rows are done: answer now, not when the wave ends
-                        loop.call_soon_threadsafe(sub.queue.put_nowait, None)
+                        sub.queue.put_nowait(None)
                 self.stats["active_rows"] = sum(r.done is None for r in gen.rows)
             for sub in wave:
                 if id(sub) not in finished:
-                    loop.call_soon_threadsafe(sub.queue.put_nowait, None)
-        except BaseException as e:  # the wave's callers all hear about it; the scheduler keeps running
+                    sub.queue.put_nowait(None)
+        except asyncio.CancelledError:  # the scheduler itself is going away (replica shutdown)
+            for sub in wave:
+                sub.queue.put_nowait(RuntimeError("generation was stopped: the server is shutting down"))
+            raise
+        except Exception as e:  # the wave's callers all hear about it; the scheduler keeps running
             log.exception("generation wave failed")
             for sub in wave:
-                loop.call_soon_threadsafe(sub.queue.put_nowait, e)
+                sub.queue.put_nowait(e)
         finally:
             self.stats["active_rows"] = 0
