@@ -22,6 +22,7 @@ class CellResult:
     units: int = 0  # tokens accounted for (prompt tokens, or new tokens for steer)
     latencies_ms: list[float] = field(default_factory=list)
     first_error: str | None = None
+    model: dict | None = None  # ModelDeployment's capture counters over the cell (service, activation workloads)
 
     @property
     def rps(self) -> float:
@@ -64,10 +65,14 @@ def run_serial(workload: str, call: Callable[[int], int], n: int, max_seconds: f
 
 
 async def run_concurrent(workload: str, send: Callable[[int], Awaitable[tuple[bool, int, str | None]]], n: int,
-                         concurrency: int, max_seconds: float, warmup: int = 0) -> CellResult:
-    """``send(i)`` -> (ok, units, error text) from ``concurrency`` concurrent clients, ``n`` requests in all."""
+                         concurrency: int, max_seconds: float, warmup: int = 0,
+                         on_measure: Callable[[], None] | None = None) -> CellResult:
+    """``send(i)`` -> (ok, units, error text) from ``concurrency`` concurrent clients, ``n`` requests in all;
+    ``on_measure()`` runs after the warm-up, just before the measured requests."""
     if warmup:
         await asyncio.gather(*(send(i) for i in range(warmup)))
+    if on_measure:
+        on_measure()
     res = CellResult(workload, "service", concurrency)
     next_i = 0
     t0 = time.perf_counter()

@@ -141,6 +141,37 @@ class Profiler:
                 p.kill()
 
 
+def capture_stats() -> dict | None:
+    """ModelDeployment's capture counters (one pinned replica), or None if they cannot be read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read():
+        from ray import serve
+
+        return serve.get_deployment_handle("ModelDeployment", app_name="saeserve").capture_stats.remote().result(timeout_s=30)
+
+    try:  # from a plain thread: Serve refuses blocking handle calls on a thread running an event loop
+        with ThreadPoolExecutor(1) as ex:
+            return ex.submit(read).result()
+    except Exception as e:  # a benchmark must not fail on its diagnostics
+        print(f"  (capture stats unavailable: {type(e).__name__}: {e})", flush=True)
+        return None
+
+
+def capture_delta(before: dict | None, after: dict | None) -> dict | None:
+    if not before or not after:
+        return None
+    d = {k: after[k] - before[k] for k in ("batches", "prompts", "tokens", "forward_s")}
+    if d["batches"]:
+        d["prompts_per_batch"] = d["prompts"] / d["batches"]
+    if d["prompts"]:
+        d["forward_ms_per_prompt"] = 1000 * d["forward_s"] / d["prompts"]
+    return d
+
+
+before_stats: dict[int, dict | None] = {}
+
+
 async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
                             n: int, concurrency: list[int], max_seconds: float, steer_n: int,
                             profile: tuple[str, int] | None, profile_dir: Path | None) -> list[CellResult]:
@@ -166,13 +197,18 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                 if profile and profile == (w.name, c):
                     prof = Profiler(profile_dir, f"{w.name}-c{c}")
                 try:
-                    r = await run_concurrent(w.name, send, count, c, max_seconds, warmup=min(max(c, 2), 8 if w.kind == "steer" else 32))
+                    r = await run_concurrent(w.name, send, count, c, max_seconds, warmup=min(max(c, 2), 8 if w.kind == "steer" else 32),
+                                             on_measure=lambda: before_stats.__setitem__(0, capture_stats()))
                 finally:
                     if prof:
                         prof.stop()
+                r.model = capture_delta(before_stats.pop(0, None), capture_stats())
                 out.append(r)
+                m = r.model
                 print(f"  service  {w.name:7s} c={c:<3d} n={r.requests:3d} err={r.errors} p50 {r.pct(.5):8.1f} ms  "
                       f"p95 {r.pct(.95):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s"
+                      + (f"  model: {m['prompts_per_batch']:.1f} prompts/batch, {m['forward_ms_per_prompt']:.0f} ms/prompt"
+                         if m and m.get("prompts") else "")
                       + (f"  first error: {r.first_error}" if r.first_error else ""), flush=True)
     return out
 

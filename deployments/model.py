@@ -1,6 +1,6 @@
 """ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner.
 
-Concurrent capture requests are batched into one forward pass (``@serve.batch``). All torch work (loading,
+Concurrent capture requests are batched into one forward pass (engine.batching.Batcher). All torch work (loading,
 capture, each generation step) runs on the replica's one ComputeThread, so the event loop keeps answering health
 checks and describe() while it computes, and CPU torch keeps one OpenMP team (see engine.compute).
 """
@@ -14,6 +14,7 @@ import time
 import numpy as np
 from ray import serve
 
+from deployments.engine.batching import Batcher
 from deployments.engine.capture import CaptureRequest, ModelRunner
 from deployments.engine.compute import ComputeThread
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
@@ -53,8 +54,9 @@ class ModelDeployment:
         self.generator = GenerationScheduler(self.runner.model, max_rows=generate_batch_rows,
                                              wait_s=generate_batch_wait_s, lock=self._model_lock, run=self.compute.run)
         self._metrics = ModelMetrics()
-        self._capture_batch.set_max_batch_size(capture_batch_size)
-        self._capture_batch.set_batch_wait_timeout_s(capture_batch_wait_s)
+        self.capture_stats_ = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0}
+        # Concurrent captures share forward passes; a batch forms when the model is free (engine.batching).
+        self._batcher = Batcher(self._capture_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
 
     async def describe(self) -> dict:
         """The model's shape and its tokenizer (the ingress tokenises with this very object)."""
@@ -63,19 +65,31 @@ class ModelDeployment:
     async def capture(self, tokens: list[int], hooks: list[str]) -> dict[str, np.ndarray]:
         for h in hooks:
             self.runner.check_hook(h)  # fail this request alone, before it joins a batch
-        return await self._capture_batch((time.monotonic(), CaptureRequest(tokens=tokens, hooks=hooks)))
+        return await self._batcher.submit(CaptureRequest(tokens=tokens, hooks=hooks))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _capture_batch(self, items: list[tuple[float, CaptureRequest]]) -> list[dict[str, np.ndarray]]:
-        now = time.monotonic()
-        self._metrics.batch_size.observe(len(items))
-        for t, _ in items:
-            self._metrics.queue_wait_ms.observe((now - t) * 1000)
-        return await self.compute.run(self._locked_capture, [r for _, r in items])
+    async def _capture_batch(self, _key, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
+        return await self.compute.run(self._locked_capture, requests)
+
+    def _observe_batch(self, waits_s: list[float]) -> None:
+        self._metrics.batch_size.observe(len(waits_s))
+        for w in waits_s:
+            self._metrics.queue_wait_ms.observe(w * 1000)
 
     def _locked_capture(self, requests: list[CaptureRequest]):
         with self._model_lock:
-            return self.runner.capture(requests)
+            t0 = time.monotonic()
+            out = self.runner.capture(requests)
+        st = self.capture_stats_
+        st["batches"] += 1
+        st["prompts"] += len(requests)
+        st["tokens"] += sum(len(r.tokens) for r in requests)
+        st["forward_s"] += time.monotonic() - t0
+        st["max_batch"] = max(st["max_batch"], len(requests))
+        return out
+
+    async def capture_stats(self) -> dict:
+        """Capture batches, prompts, prompt tokens and seconds spent in forward passes, since the replica started."""
+        return dict(self.capture_stats_)
 
     async def generate(self, requests: list[GenerationRequest]):
         """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).

@@ -3,7 +3,7 @@
 SAEs are multiplexed by id (``serve.multiplexed``): requests for an SAE are routed to a replica that
 already holds it, a miss loads it (once, under Serve's loader lock), and each replica keeps at most
 ``max_loaded_saes`` SAEs and ``max_sae_bytes`` bytes (LRU; an SAE in use is never evicted). Concurrent
-encodes for one SAE run as one batch. Dense ``[seq, d_sae]`` activations never leave the replica.
+encodes for one SAE run as one batch (engine.batching). Dense ``[seq, d_sae]`` activations never leave the replica.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ray import serve
 
 from deployments.engine import features as F
 from deployments.engine import geometry as G
+from deployments.engine.batching import Batcher
 from deployments.engine.compute import ComputeThread
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
@@ -91,8 +92,8 @@ class SAEShard:
         # lock). The budget (count and bytes) is enforced in _load, which waits for a victim to go idle.
         self._loader = load  # Serve keeps its cache (``__serve_multiplex_wrapper``) on the loader function
         self._get = serve.multiplexed(max_num_models_per_replica=-1)(load)
-        self._encode_batch.set_max_batch_size(encode_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(encode_batch_wait_s)
+        # Concurrent encodes for one SAE share a matmul; a batch forms when the compute is free (engine.batching).
+        self._batcher = Batcher(self._encode_many, encode_batch_size, encode_batch_wait_s)
 
     # --- residency -----------------------------------------------------------------------------------
 
@@ -145,14 +146,17 @@ class SAEShard:
             self._metrics.resident.set(len(resident))
             self._metrics.resident_bytes.set(sum(m.nbytes for m in resident.values()))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, acts_list: list[np.ndarray], held: list[LoadedSAE]) -> list[torch.Tensor]:
-        """Concurrent encodes for one SAE (Serve splits batches by multiplexed id) in one call.
+    async def _encode_batch(self, acts: np.ndarray, s: LoadedSAE) -> torch.Tensor:
+        """``s``'s feature activations for ``acts``; concurrent encodes for one SAE run as one matmul."""
+        return await self._batcher.submit((acts, s), key=s.spec.id)
 
-        The SAE comes from the callers, who hold it resident: a batch must never load (a load may wait for an
-        SAE in use to go idle, and its user may be queued behind this batch)."""
+    async def _encode_many(self, _sae_id: str, items: list[tuple[np.ndarray, LoadedSAE]]) -> list[torch.Tensor]:
+        """One SAE's queued encodes in one call. The SAE comes from the callers, who hold it resident: a batch
+        never loads (a load may wait for an SAE in use to go idle, and its user may be queued behind this batch)."""
+        acts_list = [a for a, _ in items]
+        held = [h for _, h in items]
         s = held[0]
-        self._metrics.encode_batch_size.observe(len(acts_list))
+        self._metrics.encode_batch_size.observe(len(items))
 
         def run() -> list[torch.Tensor]:
             if len(acts_list) == 1:
