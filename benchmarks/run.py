@@ -263,18 +263,23 @@ def _f(x, fmt):
 
 def markdown_table(result: dict) -> str:
     labels = {w.name: w.label for w in WORKLOADS.values()}
-    lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms | prompts / forward pass |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def per_batch(s: dict) -> str:
+        m = s.get("model") or {}
+        return f"{m['prompts_per_batch']:.1f}" if m.get("prompts_per_batch") else "–"
+
     for name, b in result["baseline"].items():
         lines.append(f"| {labels.get(name, name)} — **baseline** (serial, in-process) | 1 | {b['requests']} | {b['p50_ms']:.1f} | "
-                     f"{b['p95_ms']:.1f} | {b['rps']:.2f} | {b['tps']:,.0f} | 1 | 1 | 0 |")
+                     f"{b['p95_ms']:.1f} | {b['rps']:.2f} | {b['tps']:,.0f} | 1 | 1 | 0 | 1 |")
         for s in result["service"]:
             if s["workload"] != name:
                 continue
             err = f" ({s['errors']} errors)" if s["errors"] else ""
             lines.append(f"| {labels.get(name, name)} — service | {s['concurrency']} | {s['requests']}{err} | {s['p50_ms']:.1f} | "
                          f"{s['p95_ms']:.1f} | {s['rps']:.2f} | {s['tps']:,.0f} | {_f(s.get('rps_ratio'), '.2f')} | "
-                         f"{_f(s.get('tps_ratio'), '.2f')} | {_f(s.get('added_p50_ms'), '+.1f')} |")
+                         f"{_f(s.get('tps_ratio'), '.2f')} | {_f(s.get('added_p50_ms'), '+.1f')} | {per_batch(s)} |")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ class ModelMetrics:
 class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005,
-                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.005, torch_threads: int | None = None):
+                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.05, torch_threads: int | None = None):
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads)
         self.runner = self.compute.call(

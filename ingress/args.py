@@ -47,6 +47,10 @@ class AppArgs(BaseModel):
     max_sae_bytes: Optional[int] = Field(None, ge=1, description="Most bytes of SAE weights in one SAEShard replica (LRU); None = no byte cap")
     encode_batch_size: int = Field(16, ge=1, description="Most concurrent encodes for one SAE run as one batch")
     encode_batch_wait_s: float = Field(0.002, ge=0, description="How long an SAE encode waits to fill its batch")
+    generate_batch_rows: int = Field(16, ge=2, description="Rows (a steering request's STEERED and DEFAULT are two) decoded together in one generation wave")
+    generate_batch_wait_s: float = Field(
+        0.05, ge=0, description="How long a generation wave waits to collect requests; a wave runs to its end, so a "
+        "request that just misses it waits for the whole wave")
     torch_threads: Optional[int] = Field(
         None, ge=1, description="torch intra-op threads in each ModelDeployment and SAEShard replica (matters on CPU); "
         "None = Ray's default for the replica's num_cpus, which is 1 for a fractional CPU")
