@@ -169,9 +169,6 @@ def capture_delta(before: dict | None, after: dict | None) -> dict | None:
     return d
 
 
-before_stats: dict[int, dict | None] = {}
-
-
 async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
                             n: int, concurrency: list[int], max_seconds: float, steer_n: int,
                             profile: tuple[str, int] | None, profile_dir: Path | None) -> list[CellResult]:
@@ -196,13 +193,14 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                 prof = None
                 if profile and profile == (w.name, c):
                     prof = Profiler(profile_dir, f"{w.name}-c{c}")
+                before: list[dict | None] = []
                 try:
                     r = await run_concurrent(w.name, send, count, c, max_seconds, warmup=min(max(c, 2), 8 if w.kind == "steer" else 32),
-                                             on_measure=lambda: before_stats.__setitem__(0, capture_stats()))
+                                             on_measure=lambda: before.append(capture_stats()))
                 finally:
                     if prof:
                         prof.stop()
-                r.model = capture_delta(before_stats.pop(0, None), capture_stats())
+                r.model = capture_delta(before[0] if before else None, capture_stats())
                 out.append(r)
                 m = r.model
                 print(f"  service  {w.name:7s} c={c:<3d} n={r.requests:3d} err={r.errors} p50 {r.pct(.5):8.1f} ms  "

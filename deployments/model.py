@@ -54,7 +54,7 @@ class ModelDeployment:
         self.generator = GenerationScheduler(self.runner.model, max_rows=generate_batch_rows,
                                              wait_s=generate_batch_wait_s, lock=self._model_lock, run=self.compute.run)
         self._metrics = ModelMetrics()
-        self.capture_stats_ = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0}
+        self._capture_counts = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0}
         # Concurrent captures share forward passes; a batch forms when the model is free (engine.batching).
         self._batcher = Batcher(self._capture_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
 
@@ -79,7 +79,7 @@ class ModelDeployment:
         with self._model_lock:
             t0 = time.monotonic()
             out = self.runner.capture(requests)
-        st = self.capture_stats_
+        st = self._capture_counts
         st["batches"] += 1
         st["prompts"] += len(requests)
         st["tokens"] += sum(len(r.tokens) for r in requests)
@@ -89,7 +89,7 @@ class ModelDeployment:
 
     async def capture_stats(self) -> dict:
         """Capture batches, prompts, prompt tokens and seconds spent in forward passes, since the replica started."""
-        return dict(self.capture_stats_)
+        return dict(self._capture_counts)
 
     async def generate(self, requests: list[GenerationRequest]):
         """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).

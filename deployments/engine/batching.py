@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 I = TypeVar("I")
 O = TypeVar("O")
@@ -53,31 +53,21 @@ class Batcher(Generic[I, O]):
             self._worker = loop.create_task(self._work())
         return await p.future  # a cancelled caller's item is dropped before its batch runs
 
-    def _take(self) -> tuple[Any, list[_Pending]]:
+    def _live(self) -> list[_Pending]:
+        """The waiting items, oldest first; a cancelled caller's item drops out here."""
         self._pending = [p for p in self._pending if not p.future.done()]
-        if not self._pending:
-            return None, []
-        key = self._pending[0].key
-        batch = [p for p in self._pending if p.key == key][: self.max_batch_size]
-        taken = {id(p) for p in batch}
-        self._pending = [p for p in self._pending if id(p) not in taken]
-        return key, batch
-
-    def _ready(self) -> int:
-        first = next((p for p in self._pending if not p.future.done()), None)
-        if first is None:
-            return 0
-        return sum(1 for p in self._pending if p.key == first.key and not p.future.done())
+        return self._pending
 
     async def _work(self) -> None:
         while True:
-            if not any(not p.future.done() for p in self._pending):
+            live = self._live()
+            if not live:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
             # Wait for company only while the oldest item is younger than wait_s: under load it has long waited.
-            oldest = min(p.since for p in self._pending if not p.future.done())
-            while self._ready() < self.max_batch_size:
+            key, oldest = live[0].key, live[0].since
+            while sum(p.key == key for p in self._live()) < self.max_batch_size:
                 left = oldest + self.wait_s - time.monotonic()
                 if left <= 0:
                     break
@@ -86,9 +76,13 @@ class Batcher(Generic[I, O]):
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            key, batch = self._take()
-            if not batch:
+            live = self._live()
+            if not live:
                 continue
+            key = live[0].key
+            batch = [p for p in live if p.key == key][: self.max_batch_size]
+            taken = {id(p) for p in batch}
+            self._pending = [p for p in live if id(p) not in taken]
             now = time.monotonic()
             if self.on_batch is not None:
                 self.on_batch([now - p.since for p in batch])
