@@ -150,6 +150,25 @@ def test_all_batch_equals_singular(np_client):
             assert close(x.values, y.values)
 
 
+def test_capture_stats_count_every_prompt_of_concurrent_requests(np_client):
+    """Concurrent requests share forward passes; ModelDeployment.capture_stats() accounts for each prompt and token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    model = serve.get_deployment_handle("ModelDeployment", app_name="saeserve")
+    prompts = [f"{TEXT} {'and the dog ' * i}" for i in range(8)]
+    kw = dict(model=MODEL_ID, source_set="res-demo", selected_sources=[], sort_by_token_indexes=[], ignore_bos=True, num_results=3)
+    before = model.capture_stats.remote().result()
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda p: np_client.activation_all_post(ActivationAllPostRequest(prompt=p, **kw)), prompts))
+    after = model.capture_stats.remote().result()
+    assert after["prompts"] - before["prompts"] == 8
+    assert after["tokens"] - before["tokens"] == sum(len(r.tokens) for r in results)
+    assert 1 <= after["batches"] - before["batches"] <= 8
+    assert after["forward_s"] > before["forward_s"]
+
+
 @pytest.mark.parametrize("ignore_bos", [True, False])
 def test_topk_by_token(np_client, pack_dir, ignore_bos):
     ids, strs, feats = R.feature_acts(str(pack_dir), TEXT, "res-demo", 0)
