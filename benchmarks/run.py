@@ -166,6 +166,9 @@ def capture_delta(before: dict | None, after: dict | None) -> dict | None:
         d["prompts_per_batch"] = d["prompts"] / d["batches"]
     if d["prompts"]:
         d["forward_ms_per_prompt"] = 1000 * d["forward_s"] / d["prompts"]
+    tasks = (after.get("compute") or {}).get("tasks", 0) - (before.get("compute") or {}).get("tasks", 0)
+    if tasks:  # the model replica's compute tasks that ran as CPU bursts (engine.compute)
+        d["burst_share"] = ((after["compute"]["burst_tasks"] - before["compute"]["burst_tasks"]) / tasks)
     return d
 
 
@@ -207,6 +210,7 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                       f"p95 {r.pct(.95):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s"
                       + (f"  model: {m['prompts_per_batch']:.1f} prompts/batch, {m['forward_ms_per_prompt']:.0f} ms/prompt"
                          if m and m.get("prompts") else "")
+                      + (f", {100 * m['burst_share']:.0f}% of tasks burst" if m and "burst_share" in m else "")
                       + (f"  first error: {r.first_error}" if r.first_error else ""), flush=True)
     return out
 

@@ -16,7 +16,7 @@ from ray import serve
 
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import CaptureRequest, ModelRunner
-from deployments.engine.compute import ComputeThread
+from deployments.engine.compute import ComputeThread, burst_threads_for
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.loading import load_model, resolve_device
 
@@ -43,9 +43,10 @@ class ModelMetrics:
 class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005,
-                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.05, torch_threads: int | None = None):
+                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.05, torch_threads: int | None = None,
+                 burst_torch_threads: int | None = None):
         self.device = resolve_device(device)
-        self.compute = ComputeThread("model-compute", torch_threads)
+        self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.runner = self.compute.call(
             lambda: ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device))
         # Generation adds steering hooks to the shared model for each forward pass: capture and generation take
@@ -68,7 +69,7 @@ class ModelDeployment:
         return await self._batcher.submit(CaptureRequest(tokens=tokens, hooks=hooks))
 
     async def _capture_batch(self, _key, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
-        return await self.compute.run(self._locked_capture, requests)
+        return await self.compute.run(self._locked_capture, requests, light=len(requests) == 1)
 
     def _observe_batch(self, waits_s: list[float]) -> None:
         self._metrics.batch_size.observe(len(waits_s))
@@ -88,8 +89,9 @@ class ModelDeployment:
         return out
 
     async def capture_stats(self) -> dict:
-        """Capture batches, prompts, prompt tokens and seconds spent in forward passes, since the replica started."""
-        return dict(self._capture_counts)
+        """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started,
+        and its compute thread's tasks (``compute``: how many ran, how many as CPU bursts)."""
+        return {**self._capture_counts, "compute": dict(self.compute.stats)}
 
     async def generate(self, requests: list[GenerationRequest]):
         """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).

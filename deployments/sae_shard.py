@@ -20,7 +20,7 @@ from ray import serve
 from deployments.engine import features as F
 from deployments.engine import geometry as G
 from deployments.engine.batching import Batcher
-from deployments.engine.compute import ComputeThread
+from deployments.engine.compute import ComputeThread, burst_threads_for
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
 from deployments.engine.residency import Resident, evict_until
@@ -75,10 +75,11 @@ def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
 class SAEShard:
     def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
                  max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.002,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, burst_torch_threads: int | None = None):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
-        self.compute = ComputeThread("sae-compute", torch_threads)  # every torch op of this replica runs here
         self.device = resolve_device(device)
+        # every torch op of this replica runs here
+        self.compute = ComputeThread("sae-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.dtype = dtype
         self.max_loaded_saes = max_loaded_saes
         self.max_sae_bytes = max_sae_bytes
@@ -166,7 +167,7 @@ class SAEShard:
             feats = F.encode(s.sae, np.concatenate(acts_list, axis=0))
             return list(torch.split(feats, [a.shape[0] for a in acts_list]))
 
-        return await self.compute.run(run)
+        return await self.compute.run(run, light=len(items) == 1)
 
     async def single(self, acts: np.ndarray, index: int, zero_positions: list[int], drop_first: bool,
                      dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> F.FeatureActivation:
@@ -182,7 +183,7 @@ class SAEShard:
                     row.dfa_values = full[offset:]
                 return row
 
-            return await self.compute.run(run)
+            return await self.compute.run(run, light=True)
 
     async def rank(self, acts: np.ndarray, num_results: int, sort_by_token_indexes: list[int], ignore_bos: bool,
                    feature_filter: list[int] | None, dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None,
@@ -199,39 +200,39 @@ class SAEShard:
                         row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, row.index, row.max_value_index)
                 return rows
 
-            return await self.compute.run(run)
+            return await self.compute.run(run, light=True)
 
     async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
         async with self._use() as s:
             feats = await self._encode_batch(acts, s)
-            return await self.compute.run(F.topk_by_token, feats, top_k)
+            return await self.compute.run(F.topk_by_token, feats, top_k, light=True)
 
     async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
         async with self._use() as s:
             feats = await self._encode_batch(acts, s)
-            return await self.compute.run(F.active_entries, feats, skip_positions)
+            return await self.compute.run(F.active_entries, feats, skip_positions, light=True)
 
     async def vectors(self, indices: list[int]) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""
         async with self._use() as s:
             for i in indices:
                 F.check_index(i, s.spec.d_sae, s.spec.id)
-            return await self.compute.run(lambda: G.decoder_rows(s.sae.W_dec, indices).numpy())
+            return await self.compute.run(lambda: G.decoder_rows(s.sae.W_dec, indices).numpy(), light=True)
 
     async def encoder_vector(self, index: int) -> list[float]:
         async with self._use() as s:
             F.check_index(index, s.spec.d_sae, s.spec.id)
-            return await self.compute.run(G.encoder_vector, s.sae.W_enc, index)
+            return await self.compute.run(G.encoder_vector, s.sae.W_enc, index, light=True)
 
     async def top_cosine(self, query: np.ndarray, num_results: int) -> tuple[list[int], list[float]]:
         async with self._use() as s:
             # the index itself is built on first use: on the compute thread too
-            return await self.compute.run(lambda: s.decoder_index.top_cosine(torch.as_tensor(query), num_results))
+            return await self.compute.run(lambda: s.decoder_index.top_cosine(torch.as_tensor(query), num_results), light=True)
 
     async def metrics(self) -> dict:
         """This replica's SAE cache: resident ids and bytes, loads, hits, evictions."""
         resident = self._resident()
-        return {**self.stats, "replica": serve.get_replica_context().replica_id.unique_id,
+        return {**self.stats, "compute": dict(self.compute.stats), "replica": serve.get_replica_context().replica_id.unique_id,
                 "hits": self.stats["requests"] - self.stats["loads"], "resident": list(resident),
                 "resident_bytes": sum(m.nbytes for m in resident.values())}
 

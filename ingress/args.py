@@ -54,6 +54,9 @@ class AppArgs(BaseModel):
     torch_threads: Optional[int] = Field(
         None, ge=1, description="torch intra-op threads in each ModelDeployment and SAEShard replica (matters on CPU); "
         "None = Ray's default for the replica's num_cpus, which is 1 for a fractional CPU")
+    burst_torch_threads: Optional[int] = Field(
+        None, ge=0, description="CPU only: torch threads for a lone request's work while no other replica on the "
+        "machine computes (idle cores otherwise); None = every CPU the replica may use, 0 = off")
     deployment_options: dict[str, dict] = Field(
         default_factory=dict,
         description="Per-deployment Serve options applied in Python (e.g. {'SAEShard': {'num_replicas': 2}}); "

@@ -6,45 +6,192 @@ its own OpenMP team, kept for the life of that thread. Once a process holds more
 between parallel regions and each one pays a futex wake-up: measured here, ``gelu_new`` on [64, 768] went from
 77 us to 730 us and a GPT-2-small forward pass from 127 ms to 200 ms. One thread keeps one team. It also
 serialises the replica's model use, which is what a CPU (or one GPU stream) does anyway.
+
+Bursts: a replica with a fractional ``num_cpus`` runs torch on one thread (Ray sets ``OMP_NUM_THREADS=1``), which
+is right under load, when the model and SAE replicas compute side by side, but leaves cores idle for a lone
+request: a GPT-2-small forward pass takes 160 ms on one thread and 98 ms on two. So a *light* task (one request's
+work, nothing else queued on this thread) runs on ``burst_threads`` threads when no other replica on the machine
+is computing. Who computes is known across processes through :class:`CPULock`, an ``flock`` on one file: ordinary
+tasks hold it shared, a burst takes it exclusive without waiting (so only when nobody else holds it), and an
+ordinary task that arrives during a burst waits for it to end rather than oversubscribe the cores (a preempted
+OpenMP thread stalls its whole parallel region).
+
+Generation never bursts: a forward pass on two threads differs from one on one thread in the last bits, and a
+steered row's tokens must not depend on the load (engine.generate's batch invariance). Activations may differ
+by that much (~1e-6), as they already do between batch shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
+import math
+import os
+import tempfile
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("saeserve.compute")
 
 T = TypeVar("T")
 
+DEFAULT_LOCK_PATH = os.path.join(tempfile.gettempdir(), "saeserve-cpu.lock")
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by this process's cgroup quota (a container's CPU limit), or None when there is none."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (rounded up)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota))) if quota else max(1, n)
+
+
+def burst_threads_for(device: str, setting: int | None) -> int | None:
+    """The ``burst_threads`` for a replica on ``device``: off on accelerators and for ``setting`` 0; None means
+    every CPU this process may use."""
+    if not device.startswith("cpu") or setting == 0:
+        return None
+    return available_cpus() if setting is None else setting
+
+
+class CPULock:
+    """Which replicas on this machine are computing: an ``flock`` on a file every compute thread opens.
+
+    ``shared()`` (blocking) for ordinary work; ``try_exclusive()`` (never blocks) for a burst. ``flock`` locks
+    belong to the open file, so two CPULocks in one process exclude each other as two processes' do, and a
+    process that dies releases its lock.
+    """
+
+    def __init__(self, path: str = DEFAULT_LOCK_PATH):
+        self.path = path
+        # Read-only is enough for flock, and works on a file another user created.
+        self._fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        # Closed when the last holder lets go, not by shutdown: a task may still be running with the lock.
+        weakref.finalize(self, os.close, self._fd)
+
+    def try_exclusive(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def shared(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
 
 class ComputeThread:
     """A single worker thread for torch work; ``await run(fn, ...)`` from the event loop, ``call(fn, ...)`` from
-    synchronous code (a replica's constructor). ``torch_threads`` sets torch's intra-op threads in that thread
-    (None: keep the process's setting, which Ray derives from the replica's ``num_cpus``)."""
+    synchronous code (a replica's constructor).
 
-    def __init__(self, name: str = "compute", torch_threads: int | None = None):
+    ``torch_threads``: torch's intra-op threads on this thread (None: keep the process's setting, which Ray
+    derives from the replica's ``num_cpus``). ``burst_threads``: threads for a light task when no other replica on
+    the machine computes (see the module docstring); None or not more than ``torch_threads`` turns bursts off, as
+    does a lock file that cannot be opened. Use bursts on CPU only.
+    """
+
+    def __init__(self, name: str = "compute", torch_threads: int | None = None, burst_threads: int | None = None,
+                 lock_path: str = DEFAULT_LOCK_PATH):
         if torch_threads is not None and torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
         self.torch_threads = torch_threads
+        self.burst_threads = burst_threads
+        self.lock: CPULock | None = None
+        self._narrow = 1
+        self._queued = 0  # tasks submitted and not yet started
+        self._count_lock = threading.Lock()
+        self.stats = {"tasks": 0, "burst_tasks": 0}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._init)
+        self._executor.submit(self._setup_bursts, lock_path).result()
 
     def _init(self) -> None:
         import torch
 
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
-        log.info("compute thread: %d torch threads", torch.get_num_threads())
+        self._narrow = torch.get_num_threads()
 
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+    def _setup_bursts(self, lock_path: str) -> None:
+        if self.burst_threads is None or self.burst_threads <= self._narrow:
+            self.burst_threads = None
+        else:
+            try:
+                self.lock = CPULock(lock_path)
+            except OSError as e:
+                log.warning("CPU bursts off: cannot open %s (%s)", lock_path, e)
+                self.burst_threads = None
+        log.info("compute thread: %d torch threads%s", self._narrow,
+                 f", {self.burst_threads} for a lone request while no other replica computes" if self.burst_threads else "")
+
+    def _task(self, fn: Callable[[], T], light: bool) -> T:
+        with self._count_lock:
+            self._queued -= 1
+            alone = self._queued == 0  # nothing else waits on this replica
+        self.stats["tasks"] += 1
+        lock = self.lock
+        if lock is None:
+            return fn()
+        if light and alone and lock.try_exclusive():
+            import torch
+
+            self.stats["burst_tasks"] += 1
+            torch.set_num_threads(self.burst_threads)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(self._narrow)
+                lock.release()
+        lock.shared()  # waits while another replica bursts
+        try:
+            return fn()
+        finally:
+            lock.release()
+
+    def _unqueue(self) -> None:
+        with self._count_lock:
+            self._queued -= 1
+
+    def _submit(self, fn: Callable[[], T], light: bool):
+        with self._count_lock:
+            self._queued += 1
+        try:
+            fut = self._executor.submit(self._task, fn, light)
+        except BaseException:
+            self._unqueue()
+            raise
+        # A task cancelled before it started (its caller went away) never runs _task: count it out here.
+        fut.add_done_callback(lambda f: self._unqueue() if f.cancelled() else None)
+        return fut
+
+    async def run(self, fn: Callable[..., T], *args: Any, light: bool = False, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the compute thread. ``light``: one request's work, which may burst."""
+        return await asyncio.wrap_future(self._submit(functools.partial(fn, *args, **kwargs), light))
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the compute thread and wait for it (not from the event loop: it would block it)."""
-        return self._executor.submit(fn, *args, **kwargs).result()
+        return self._submit(functools.partial(fn, *args, **kwargs), False).result()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -4,12 +4,16 @@ through it so that other model work interleaves between decode steps."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
-from deployments.engine.compute import ComputeThread
+from deployments.engine import compute as C
+from deployments.engine.compute import ComputeThread, CPULock
 from deployments.engine.generate import GenerationRequest, GenerationScheduler, generate, tokens_of
 
 
@@ -84,3 +88,138 @@ def test_generation_steps_run_on_the_compute_thread_and_other_work_interleaves(r
         assert 0 < i < len(order) - 1  # it ran between decode steps
     finally:
         c.shutdown()
+
+
+# --- bursts: a lone light task may use the machine's idle cores --------------------------------------------
+
+
+@pytest.fixture
+def lock_path(tmp_path):
+    return str(tmp_path / "cpu.lock")
+
+
+def threads_of(c: ComputeThread, light: bool) -> int:
+    async def main():
+        return await c.run(torch.get_num_threads, light=light)
+
+    return asyncio.run(main())
+
+
+def test_a_lone_light_task_bursts_and_everything_else_runs_narrow(lock_path):
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        assert threads_of(c, light=True) == 2
+        assert threads_of(c, light=False) == 1
+        assert c.call(torch.get_num_threads) == 1  # constructors' work (loading) never bursts
+
+        gate = threading.Event()
+
+        async def crowd():  # queued behind a busy thread: each one but the last has company, so runs narrow
+            blocker = asyncio.ensure_future(c.run(gate.wait, 10))
+            light = [asyncio.ensure_future(c.run(torch.get_num_threads, light=True)) for _ in range(5)]
+            await asyncio.sleep(0.05)
+            gate.set()
+            await blocker
+            return await asyncio.gather(*light)
+
+        assert asyncio.run(crowd()) == [1, 1, 1, 1, 2]
+        assert threads_of(c, light=True) == 2
+        assert c.stats == {"tasks": 10, "burst_tasks": 3}
+    finally:
+        c.shutdown()
+
+
+def test_no_burst_while_another_process_computes(lock_path):
+    """The lock is an flock: a process holding it shared (computing) keeps others from bursting; once it is gone
+    (even killed), the burst comes back."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({lock_path!r}, os.O_RDONLY | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert threads_of(c, light=True) == 1
+        holder.kill()
+        holder.wait()
+        assert threads_of(c, light=True) == 2
+    finally:
+        holder.kill()
+        c.shutdown()
+
+
+def test_ordinary_work_waits_while_another_replica_bursts(lock_path):
+    """Narrow work does not oversubscribe the cores under someone else's burst: it starts when the burst ends."""
+    other = CPULock(lock_path)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        assert other.try_exclusive()
+        started = threading.Event()
+        fut = c._submit(started.set, False)
+        assert not started.wait(0.3)  # blocked behind the other burst
+        other.release()
+        fut.result(timeout=10)
+        assert started.is_set()
+        # and while our narrow work holds the lock shared, the other cannot burst
+        hold, go = threading.Event(), threading.Event()
+        fut = c._submit(lambda: (hold.set(), go.wait(10)), False)
+        assert hold.wait(10)
+        assert not other.try_exclusive()
+        go.set()
+        fut.result(timeout=10)
+        assert other.try_exclusive()
+        other.release()
+    finally:
+        c.shutdown()
+
+
+def test_a_cancelled_queued_task_does_not_stop_bursts(lock_path):
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        gate = threading.Event()
+
+        async def main():
+            blocker = asyncio.ensure_future(c.run(gate.wait, 10))
+            queued = asyncio.ensure_future(c.run(torch.get_num_threads, light=True))
+            await asyncio.sleep(0.05)
+            queued.cancel()  # its caller went away before it started
+            gate.set()
+            await blocker
+            return await c.run(torch.get_num_threads, light=True)
+
+        assert asyncio.run(main()) == 2
+    finally:
+        c.shutdown()
+
+
+def test_bursts_are_off_when_they_would_not_add_threads_or_off_cpu(lock_path):
+    c = ComputeThread("b", torch_threads=2, burst_threads=2, lock_path=lock_path)
+    try:
+        assert c.burst_threads is None and c.lock is None
+        assert threads_of(c, light=True) == 2
+    finally:
+        c.shutdown()
+    assert C.burst_threads_for("cuda:0", None) is None
+    assert C.burst_threads_for("cpu", 0) is None
+    assert C.burst_threads_for("cpu", 3) == 3
+    assert C.burst_threads_for("cpu", None) == C.available_cpus() >= 1
+
+
+def test_available_cpus_reads_a_cgroup_quota(tmp_path, monkeypatch):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert C._cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert C._cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert C._cgroup_cpu_quota(tmp_path / "v1") == 3.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert C._cgroup_cpu_quota(tmp_path / "v1") is None
+    assert C._cgroup_cpu_quota(tmp_path / "nothing") is None
+    monkeypatch.setattr(C, "_cgroup_cpu_quota", lambda: 1.5)
+    assert C.available_cpus() == min(2, len(os.sched_getaffinity(0)))
