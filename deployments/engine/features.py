@@ -135,10 +135,25 @@ def rank_features(
 
 
 def topk_by_token(feats: torch.Tensor, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Per position, the ``top_k`` features (index order among equal values)."""
+    """Per position, the ``top_k`` features, values descending and index order among equal values: what a stable
+    descending sort gives, without sorting every row (a [73, 24576] stable sort took 30 ms on one thread).
+
+    ``torch.topk`` finds each row's k-th value but leaves the order of ties to the kernel. A row with exactly k
+    entries at or above its k-th value takes them; the rest (ties at the k-th value: most features are exactly 0,
+    so a row with fewer than k active features has many; or NaNs) are sorted."""
     k = max(1, min(top_k, feats.shape[1]))
-    order = torch.sort(feats, dim=1, descending=True, stable=True)
-    return order.indices[:, :k].tolist(), order.values[:, :k].tolist()
+    kth = torch.topk(feats, k, dim=1).values[:, -1:]
+    picked = feats >= kth
+    clean = picked.sum(dim=1) == k
+    if bool(clean.all()):
+        idx = picked.nonzero()[:, 1].view(-1, k)  # row-major: each row's picks in index order
+    else:
+        idx = torch.empty((feats.shape[0], k), dtype=torch.long, device=feats.device)
+        idx[clean] = picked[clean].nonzero()[:, 1].view(-1, k)
+        idx[~clean] = torch.sort(feats[~clean], dim=1, descending=True, stable=True).indices[:, :k]
+    vals = feats.gather(1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices  # ties keep index order
+    return idx.gather(1, order).tolist(), vals.gather(1, order).tolist()
 
 
 def active_entries(feats: torch.Tensor, skip_positions: int = 1) -> dict[str, list[list[float]]]:

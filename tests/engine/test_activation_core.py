@@ -190,6 +190,26 @@ def test_topk_by_token_and_active_entries(pack_dir, runner, specs, saes):
             assert pos >= 1 and math.isclose(val, float(ref[pos, int(f)]), rel_tol=RTOL, abs_tol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_by_token_equals_a_stable_sort_with_ties(seed):
+    """The fast top-k gives exactly the stable descending sort's first k: values and, among ties, index order
+    (SAE features are mostly exactly 0, so ties at the k-th value are the common case)."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = 9, 300
+    feats = torch.relu(torch.randn(n, d, generator=g) - 1.5)  # ~7% non-zero: rows with fewer than k positives
+    feats[:, ::7] = torch.round(feats[:, ::7])  # ties among non-zero values too
+    feats[0] = 0.0  # an all-zero row
+    feats[1, 5:9] = 3.0  # a tie straddling the k-th place
+    for k in (1, 3, 5, 40, d, d + 10):
+        idx, vals = F.topk_by_token(feats, k)
+        ref = torch.sort(feats, dim=1, descending=True, stable=True)
+        kk = min(k, d)
+        assert idx == ref.indices[:, :kk].tolist() and vals == ref.values[:, :kk].tolist()
+    feats[2, 4] = float("nan")  # still answers (by the sort)
+    idx, _ = F.topk_by_token(feats, 5)
+    assert idx[3:] == torch.sort(feats, dim=1, descending=True, stable=True).indices[3:, :5].tolist()
+
+
 def test_token_limit_message():
     with pytest.raises(RequestError, match=r"^Text too long: 7 tokens, max is 5$"):
         T.check_token_limit(7, 5)
