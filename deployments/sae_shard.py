@@ -8,6 +8,7 @@ encodes for one SAE run as one batch (engine.batching). Dense ``[seq, d_sae]`` a
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections import OrderedDict
@@ -85,6 +86,9 @@ class SAEShard:
         self.max_sae_bytes = max_sae_bytes
         self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0}
         self._metrics = ShardMetrics()
+        # SAE Lens (and TransformerLens under it) is imported by the first load; import it now, while the replica
+        # starts, so that the first request for an SAE does not also pay seconds of imports.
+        importlib.import_module("sae_lens")
 
         async def load(sae_id: str) -> LoadedSAE:
             return await self._load(sae_id)
