@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,10 +77,13 @@ def burst_threads_for(device: str, setting: int | None) -> int | None:
 class CPULock:
     """Which replicas on this machine are computing: an ``flock`` on a file every compute thread opens.
 
-    ``shared()`` (blocking) for ordinary work; ``try_exclusive()`` (never blocks) for a burst. ``flock`` locks
-    belong to the open file, so two CPULocks in one process exclude each other as two processes' do, and a
-    process that dies releases its lock.
+    ``shared()`` for ordinary work; ``try_exclusive()`` (never blocks) for a burst. ``flock`` locks belong to the
+    open file, so two CPULocks in one process exclude each other as two processes' do, and a process that dies
+    releases its lock. One that hangs mid-burst (stopped, or stuck in a debugger) does not: ``shared()`` waits
+    for a burst at most ``max_wait_s`` and then runs without the lock, oversubscribing rather than stalling.
     """
+
+    max_wait_s = 10.0
 
     def __init__(self, path: str = DEFAULT_LOCK_PATH):
         self.path = path
@@ -95,8 +99,21 @@ class CPULock:
         except BlockingIOError:
             return False
 
-    def shared(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+    def shared(self) -> bool:
+        """Take the lock shared, waiting out a burst (at most ``max_wait_s``); False when it gave up waiting."""
+        deadline, pause = time.monotonic() + self.max_wait_s, 0.0002
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("a burst elsewhere on this machine has held %s for over %g s: computing anyway",
+                                self.path, self.max_wait_s)
+                    return False
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.005)  # a burst lasts one task: poll finely at first
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -163,11 +180,12 @@ class ComputeThread:
             finally:
                 torch.set_num_threads(self._narrow)
                 lock.release()
-        lock.shared()  # waits while another replica bursts
+        held = lock.shared()  # waits while another replica bursts
         try:
             return fn()
         finally:
-            lock.release()
+            if held:
+                lock.release()
 
     def _unqueue(self) -> None:
         with self._count_lock:

@@ -174,6 +174,21 @@ def test_ordinary_work_waits_while_another_replica_bursts(lock_path):
         c.shutdown()
 
 
+def test_a_burst_that_never_ends_does_not_stall_others(lock_path, monkeypatch):
+    """A process stuck mid-burst (stopped, in a debugger) keeps its lock; ordinary work waits max_wait_s, then runs."""
+    monkeypatch.setattr(CPULock, "max_wait_s", 0.2)
+    stuck = CPULock(lock_path)
+    assert stuck.try_exclusive()
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        assert c.call(lambda: 7) == 7
+        stuck.release()
+        assert c.lock.shared() and not stuck.try_exclusive()  # and the lock still works afterwards
+        c.lock.release()
+    finally:
+        c.shutdown()
+
+
 def test_a_cancelled_queued_task_does_not_stop_bursts(lock_path):
     c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
     try:
