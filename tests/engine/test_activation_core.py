@@ -205,6 +205,9 @@ def test_topk_by_token_equals_a_stable_sort_with_ties(seed):
         ref = torch.sort(feats, dim=1, descending=True, stable=True)
         kk = min(k, d)
         assert idx == ref.indices[:, :kk].tolist() and vals == ref.values[:, :kk].tolist()
+        row = F.stable_topk(feats[3:4], k)  # one row, as rank_features uses it
+        assert row.tolist() == ref.indices[3:4, :kk].tolist()
+    assert F.stable_topk(feats, 0).shape == (n, 0) and F.stable_topk(feats[:, :0], 5).shape == (n, 0)
     feats[2, 4] = float("nan")  # still answers (by the sort)
     idx, _ = F.topk_by_token(feats, 5)
     assert idx[3:] == torch.sort(feats, dim=1, descending=True, stable=True).indices[3:, :5].tolist()
