@@ -168,7 +168,7 @@ def capture_delta(before: dict | None, after: dict | None) -> dict | None:
         d["forward_ms_per_prompt"] = 1000 * d["forward_s"] / d["prompts"]
     tasks = (after.get("compute") or {}).get("tasks", 0) - (before.get("compute") or {}).get("tasks", 0)
     if tasks:  # the model replica's compute tasks that ran as CPU bursts (engine.compute)
-        d["burst_share"] = ((after["compute"]["burst_tasks"] - before["compute"]["burst_tasks"]) / tasks)
+        d["burst_share"] = (after["compute"]["burst_tasks"] - before["compute"]["burst_tasks"]) / tasks
     return d
 
 
