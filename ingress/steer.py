@@ -18,8 +18,8 @@ from typing import AsyncIterator, Optional, Union
 from deployments.engine import features as F
 from deployments.engine import tokens as T
 from deployments.engine.errors import RequestError
-from deployments.engine.generate import MAX_LOGPROBS, GenerationRequest, StepEvent, torch_seed
-from deployments.engine.steering import SteerVector, prepare_vector
+from deployments.protocol import MAX_LOGPROBS, GenerationRequest, StepEvent, SteerVector, torch_seed
+from deployments.engine.steering import prepare_vector
 
 from . import schemas as S
 from .service import SAEService, unwrap_remote_error

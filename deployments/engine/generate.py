@@ -29,53 +29,15 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from ..protocol import MAX_LOGPROBS, GenerationRequest, StepEvent, torch_seed  # noqa: F401 (re-exported)
 from .errors import RequestError
-from .steering import BatchSteering, SteerVector
+from .steering import BatchSteering
 
 log = logging.getLogger("saeserve.generate")
-
-MAX_LOGPROBS = 10
-
-
-@dataclass
-class GenerationRequest:
-    """One row: a prompt (already templated, BOS included) and how to continue it."""
-
-    tokens: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    freq_penalty: float = 0.0
-    seed: int = 0
-    n_logprobs: int = 0
-    steering: list[SteerVector] = field(default_factory=list)  # empty: DEFAULT
-    no_steer_tokens: Optional[list[int]] = None  # positions holding these token ids are not steered
-    stop_tokens: Optional[list[int]] = None  # None: the tokenizer's EOS
-
-
-@dataclass
-class StepEvent:
-    """What one row did in one step: a token (``None`` when it stopped at EOS), its scores, and whether it is done."""
-
-    row: int
-    token: Optional[int]
-    logprob: Optional[float] = None
-    top_tokens: Optional[list[int]] = None
-    top_logprobs: Optional[list[float]] = None
-    finished: Optional[str] = None  # "eos", "length" or "cancelled" on the row's last event
-
-
-def torch_seed(seed) -> int:
-    """A request's seed as a torch seed (any integer; floats must be whole)."""
-    if isinstance(seed, float):
-        if not math.isfinite(seed) or not seed.is_integer():
-            raise RequestError(f"seed must be a whole number, got {seed}")
-        seed = int(seed)
-    return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def check_request(r: GenerationRequest, vocab: int) -> None:

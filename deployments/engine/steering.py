@@ -21,22 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..protocol import METHODS, ORTHOGONAL_DECOMP, PROJECTION_CAP, SIMPLE_ADDITIVE, SteerVector  # noqa: F401 (re-exported)
 from .errors import RequestError
-
-SIMPLE_ADDITIVE = "SIMPLE_ADDITIVE"
-ORTHOGONAL_DECOMP = "ORTHOGONAL_DECOMP"
-PROJECTION_CAP = "PROJECTION_CAP"
-METHODS = (SIMPLE_ADDITIVE, ORTHOGONAL_DECOMP, PROJECTION_CAP)
-
-
-@dataclass
-class SteerVector:
-    """One vector to apply at one hook, already scaled: ``coeff = strength * strength_multiplier``."""
-
-    hook: str
-    vector: np.ndarray  # float32 [d]
-    coeff: float
-    method: str = SIMPLE_ADDITIVE
 
 
 def prepare_vector(vector, coeff: float, method: str, normalize: bool, what: str = "steering vector") -> np.ndarray:
