@@ -12,6 +12,7 @@ from deployments.engine import tokens as T
 from deployments.engine.capture import CaptureRequest, ModelRunner, stop_layer_for
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import load_model, load_sae, resolve_sae_specs
+from tests.compare import is_first_argmax_up_to_drift
 from tests import reference as R
 
 PROMPTS = ["The cat sat on the mat.", "red blue", "one two three four five six seven", "x"]
@@ -113,7 +114,7 @@ def test_single_feature_bos_policy(pack_dir, runner, specs, saes):
     res = F.single_feature(feats, idx, zero, drop_first=True)
     assert close(res.values, expected)
     assert math.isclose(res.max_value, float(expected.max()), rel_tol=RTOL)
-    assert res.max_value_index == int((expected == expected.max()).nonzero()[0, 0])
+    assert is_first_argmax_up_to_drift(expected.tolist(), res.max_value_index)  # batched vs alone: a near tie may move it
     assert len(res.values) == len(ids) - 1
 
 

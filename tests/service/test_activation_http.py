@@ -19,6 +19,7 @@ from neuronpedia_inference_client.models import (
 )
 
 from deployments.engine.compute import available_cpus
+from tests.compare import assert_same_answer, is_first_argmax_up_to_drift
 from tests import reference as R
 
 from .conftest import MODEL_ID
@@ -65,7 +66,7 @@ def test_activation_single_sae_path(np_client, pack_dir, n_layers):
     want = feats[1:, idx]
     assert close(r.activation.values, want)
     assert math.isclose(r.activation.max_value, float(want.max()), rel_tol=RTOL)
-    assert r.activation.max_value_index == int((want == want.max()).nonzero()[0, 0])
+    assert is_first_argmax_up_to_drift(want.tolist(), r.activation.max_value_index)  # batched: a near tie may move it
     assert r.tokens == strs[1:]
     assert r.tokens_is_special == [False] * (len(strs) - 1)
 
@@ -145,10 +146,8 @@ def test_all_batch_equals_singular(np_client):
     batch = np_client.activation_all_batch_post(ActivationAllBatchPostRequest(prompts=prompts, **kw))
     for p, res in zip(prompts, batch.results):
         one = np_client.activation_all_post(ActivationAllPostRequest(prompt=p, **kw))
-        assert res.tokens == one.tokens
-        assert [(a.source, a.index) for a in res.activations] == [(a.source, a.index) for a in one.activations]
-        for x, y in zip(res.activations, one.activations):
-            assert close(x.values, y.values)
+        # the batch and the single request ran in different model batches: the same answer up to float32 drift
+        assert_same_answer(res.to_dict(), one.to_dict())
 
 
 def test_capture_stats_count_every_prompt_of_concurrent_requests(np_client):

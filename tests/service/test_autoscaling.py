@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.compare import assert_same_answer, same_answer
+
 from .conftest import MODEL_ID, SECRET
 
 APP = "autoscale"
@@ -73,7 +75,7 @@ def test_burst_scales_out_and_idle_scales_back(serve_app, http, pack_dir):
                     sort_by_token_indexes=[], ignore_bos=True, num_results=5)
         main = http.post("/v1/activation/all-batch", json=body)  # the main app's answer
         assert main.status_code == 200, main.text
-        want = [[(a["source"], a["index"]) for a in r["activations"]] for r in main.json()["results"]]
+        want = main.json()
 
         with httpx.Client(base_url=f"{serve_app}/{APP}", timeout=REQUEST_TIMEOUT_S, headers={"X-SECRET-KEY": SECRET}) as c:
             ok, end = 0, time.monotonic() + WARM_WITHIN_S
@@ -97,8 +99,8 @@ def test_burst_scales_out_and_idle_scales_back(serve_app, http, pack_dir):
                     r = c.post("/v1/activation/all-batch", json=body)
                     code = r.status_code
                     if code == 200:
-                        got = [[(a["source"], a["index"]) for a in x["activations"]] for x in r.json()["results"]]
-                        if got != want:
+                        got = r.json()
+                        if not same_answer(got, want):  # other replicas, other batches: up to float32 drift
                             wrong.append(got)
                 except httpx.HTTPError as e:
                     code = type(e).__name__
@@ -137,6 +139,6 @@ def test_burst_scales_out_and_idle_scales_back(serve_app, http, pack_dir):
         with httpx.Client(base_url=f"{serve_app}/{APP}", timeout=REQUEST_TIMEOUT_S, headers={"X-SECRET-KEY": SECRET}) as c:
             r = c.post("/v1/activation/all-batch", json=body)  # and still serves after scaling in
             assert r.status_code == 200
-            assert [[(a["source"], a["index"]) for a in x["activations"]] for x in r.json()["results"]] == want
+            assert_same_answer(r.json(), want)
     finally:
         serve.delete(APP)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.compare import assert_same_answer, same_ranking
+
 from .conftest import MODEL_ID, SECRET
 
 pytestmark = pytest.mark.usefixtures("serve_app")  # Serve is started (on the session's port) before these apps
@@ -77,8 +79,8 @@ def rank(h, sae_id: str, acts: np.ndarray, k: int = 8):
 
 
 def same(got, want) -> bool:
-    return [(i, a) for i, _, a in got] == [(i, a) for i, _, a in want] and np.allclose(
-        [v for _, v, _ in got], [v for _, v, _ in want], rtol=1e-5, atol=1e-6)
+    """The same top features and maxima up to float32 batch drift (the shard may batch encodes; tests/compare.py)."""
+    return same_ranking([(i, v) for i, v, _ in got], [(i, v) for i, v, _ in want])
 
 
 def replica_metrics(h, n: int, tries: int = 60) -> dict[str, dict]:
@@ -252,11 +254,8 @@ def test_full_app_with_room_for_one_sae_matches_main_app(serve_app, http, pack_d
 
             with ThreadPoolExecutor(4) as pool:
                 got = list(pool.map(ask, bodies))
-        for g, w in zip(got, want):
-            assert g["tokens"] == w["tokens"]
-            assert [(a["source"], a["index"]) for a in g["activations"]] == [(a["source"], a["index"]) for a in w["activations"]]
-            for ga, wa in zip(g["activations"], w["activations"]):
-                assert np.allclose(ga["values"], wa["values"], rtol=1e-5, atol=1e-5)
+        for g, w in zip(got, want):  # computed in other batches than the main app's: up to float32 drift
+            assert_same_answer(g, w)
 
         m = serve.get_deployment_handle("SAEShard", app_name="saecache").metrics.remote().result(timeout_s=TIMEOUT_S)
         assert len(m["resident"]) == 1

@@ -16,6 +16,7 @@ import pytest
 
 from jobs.top_contexts import OUTPUT_SCHEMA, extract_top_contexts, parse_features, summary
 from tests import reference as R
+from tests.compare import assert_same_answer
 
 from .conftest import MODEL_ID
 
@@ -110,6 +111,19 @@ def close(a, b):
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-6)
 
 
+def assert_same_contexts(a, b):
+    """Two runs' tables, scored in other batches: per feature the same ranking up to float32 drift (near ties may
+    swap texts, or change which one makes the cut; tests/compare.py)."""
+    def row(r):  # a text's position of its maximum is an argmax: a near tie may move it (and the context with it)
+        return {"feature": r["feature"], "text": r["text"], "source": r["source"], "tokens": r["tokens"],
+                "values": r["values"], "max_value": r["activation"], "max_value_index": r["token_index"]}
+
+    ra, rb = [row(r) for r in a.to_pylist()], [row(r) for r in b.to_pylist()]
+    assert [r["feature"] for r in ra] == [r["feature"] for r in rb]
+    for f in dict.fromkeys(r["feature"] for r in ra):
+        assert_same_answer([r for r in ra if r["feature"] == f], [r for r in rb if r["feature"] == f])
+
+
 def test_schema_and_summary(table, features):
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
     s = summary(table)
@@ -133,7 +147,9 @@ def test_top_contexts_equal_brute_force(table, brute_force, features):
             if (g["text"], g["token_index"]) != (w["text"], w["token_index"]):
                 # Only a near-tie may swap order: the text the job put here is at this value in the scan too.
                 alt = next(x for x in full if x["text"] == g["text"])
-                assert close(alt["activation"], w["activation"]) and alt["token_index"] == g["token_index"], (f, g, w)
+                assert close(alt["activation"], w["activation"]), (f, g, w)
+                # its position: the scan's argmax, or another position tied with it
+                assert alt["token_index"] == g["token_index"] or close(alt["values"][g["token_index"]], alt["activation"])
                 w = alt
             assert g["source"] == SOURCE
             assert g["tokens"] == w["tokens"]
@@ -149,8 +165,7 @@ def test_top_contexts_equal_brute_force(table, brute_force, features):
 def test_parquet_input_same_answer(handle, dataset, features, table):
     other = extract_top_contexts(handle, str(dataset["parquet"]), SOURCE, features, TOP, batch_size=7, concurrency=2,
                                  progress=False)
-    assert other.drop(["activation", "values"]).equals(table.drop(["activation", "values"]))
-    assert all(close(a, b) for a, b in zip(other.column("activation").to_pylist(), table.column("activation").to_pylist()))
+    assert_same_contexts(other, table)
 
 
 def test_bad_arguments(handle, dataset):
@@ -185,7 +200,7 @@ def test_cli_as_a_separate_driver(ray_session, serve_app, dataset, features, tab
     assert f"{len(SENTENCES)} texts scored, 1 skipped as too long, 1 null" in proc.stdout
     written = pq.read_table(out)
     assert summary(written) == summary(table)
-    assert written.drop(["activation", "values"]).equals(table.drop(["activation", "values"]))
+    assert_same_contexts(written, table)
 
 
 def test_cli_help_lists_the_manifest_flags():
