@@ -1,12 +1,17 @@
-"""ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner.
+"""ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner and engine.generate.
 
-Concurrent capture requests are batched into one forward pass (engine.batching.Batcher). All torch work (loading,
-capture, each generation step) runs on the replica's one ComputeThread, so the event loop keeps answering health
-checks and describe() while it computes, and CPU torch keeps one OpenMP team (see engine.compute).
+Feature jobs (``features``): concurrent jobs from every caller share one forward pass (engine.batching.Batcher, a
+batch forms when the model is free), and the SAE half of a whole batch leaves this replica as one SAEShard call per
+SAE, with the activations in it: the ingress makes one call per request, and activations never travel back
+through it. All torch work (loading, capture, each generation step) runs on the replica's one ComputeThread, so
+the event loop keeps answering health checks, describe() and the SAE fan-out while it computes, and CPU torch
+keeps one OpenMP team (see engine.compute).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import threading
 import time
@@ -14,11 +19,15 @@ import time
 import numpy as np
 from ray import serve
 
+from deployments import protocol as P
+from deployments.engine import features as F
 from deployments.engine.batching import Batcher
-from deployments.engine.capture import CaptureRequest, ModelRunner
+from deployments.engine.capture import ModelRunner
 from deployments.engine.compute import ComputeThread, burst_threads_for
+from deployments.engine.errors import RequestError, translate_remote_error
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.loading import load_model, resolve_device
+from deployments.hooks import capture_hooks, dfa_hooks
 
 log = logging.getLogger("saeserve.model")
 
@@ -42,9 +51,9 @@ class ModelMetrics:
 )
 class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
-                 capture_batch_size: int = 16, capture_batch_wait_s: float = 0.005,
+                 capture_batch_size: int = 16, capture_batch_wait_s: float = 0.0,
                  generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.05, torch_threads: int | None = None,
-                 burst_torch_threads: int | None = None):
+                 burst_torch_threads: int | None = None, sae_shard=None):
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.runner = self.compute.call(
@@ -56,27 +65,130 @@ class ModelDeployment:
                                              wait_s=generate_batch_wait_s, lock=self._model_lock, run=self.compute.run)
         self._metrics = ModelMetrics()
         self._capture_counts = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0}
-        # Concurrent captures share forward passes; a batch forms when the model is free (engine.batching).
-        self._batcher = Batcher(self._capture_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
+        self._calls = collections.Counter()  # handle calls received (and made to SAEShard), per method
+        # The SAEShard deployment, for the SAE half of feature jobs; one handle per SAE id, made once.
+        self._sae_shard = sae_shard
+        self._shards: dict[str, object] = {}
+        # Concurrent jobs share forward passes; a batch forms when the model is free (engine.batching).
+        self._batcher = Batcher(self._run_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
 
     async def describe(self) -> dict:
         """The model's shape and its tokenizer (the ingress tokenises with this very object)."""
         return {"info": self.runner.info(), "tokenizer": self.runner.tokenizer}
 
-    async def capture(self, tokens: list[int], hooks: list[str]) -> dict[str, np.ndarray]:
-        for h in hooks:
-            self.runner.check_hook(h)  # fail this request alone, before it joins a batch
-        return await self._batcher.submit(CaptureRequest(tokens=tokens, hooks=hooks))
+    # --- feature jobs: one forward pass per batch of prompts, then one SAEShard call per SAE per batch ---------
 
-    async def _capture_batch(self, _key, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
-        return await self.compute.run(self._locked_capture, requests, light=len(requests) == 1)
+    async def features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult]:
+        """Each job's answer (see ``protocol.FeatureJob``). Jobs from concurrent calls share a forward pass, and
+        the SAE work of a whole batch goes out as one SAEShard call per SAE, straight from here: activations never
+        travel back through the ingress. A job that fails raises here for its own call only."""
+        self._calls["features"] += 1
+        for j in jobs:
+            self._check(j.tokens, self._job_hooks(j))  # fail this call alone, before it joins a batch
+        results = await asyncio.gather(*(self._submit(j) for j in jobs))
+        return list(results)
+
+    async def capture(self, req: P.CaptureRequest) -> dict[str, np.ndarray]:
+        """Raw activations ``{hook: float32 [len, ...]}`` for one prompt (batched with everything else)."""
+        self._calls["capture"] += 1
+        self._check(req.tokens, req.hooks)
+        return await self._submit(req)
+
+    def _check(self, tokens: list[int], hooks: list[str]) -> None:
+        if not tokens:
+            raise RequestError("Cannot run the model on an empty token list")
+        vocab = self.runner.model.cfg.d_vocab
+        if any(not 0 <= t < vocab for t in tokens):
+            raise RequestError(f"token ids must be in 0..{vocab - 1}")
+        for h in hooks:
+            self.runner.check_hook(h)
+
+    @staticmethod
+    def _job_hooks(job: P.FeatureJob) -> list[str]:
+        hooks = capture_hooks((t.hook, t.dfa) for t in job.tasks)
+        if job.project is not None:
+            hooks.append(job.project[0])
+        return list(dict.fromkeys(hooks))
+
+    async def _submit(self, item):
+        fan_out, i = await self._batcher.submit(item)
+        # Shielded: one caller going away must not cancel the SAE calls its batch-mates wait for.
+        results = await asyncio.shield(fan_out)
+        r = results[i]
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    async def _run_batch(self, _key, items: list) -> list:
+        """The Batcher's step: the forward pass only. The SAE calls run in a task of their own, so the next batch's
+        forward pass starts while this one's SAEs encode."""
+        captured = await self.compute.run(self._capture_items, items, light=len(items) == 1)
+        fan_out = asyncio.ensure_future(self._fan_out(items, captured))
+        return [(fan_out, i) for i in range(len(items))]
+
+    def _capture_items(self, items: list) -> list:
+        reqs = [it if isinstance(it, P.CaptureRequest) else P.CaptureRequest(it.tokens, self._job_hooks(it)) for it in items]
+        acts = self._locked_capture(reqs)
+        out = []
+        for it, a in zip(items, acts):
+            proj = None
+            if isinstance(it, P.FeatureJob) and it.project is not None:
+                hook, vector = it.project
+                proj = F.vector_projection(a[hook], vector)
+            out.append((a, proj))
+        return out
+
+    def _shard(self, sae_id: str):
+        h = self._shards.get(sae_id)
+        if h is None:
+            if self._sae_shard is None:
+                raise RequestError("This model deployment has no SAEShard to send SAE work to", 500)
+            h = self._shards[sae_id] = self._sae_shard.options(multiplexed_model_id=sae_id)
+        return h
+
+    async def _fan_out(self, items: list, captured: list) -> list:
+        by_sae: dict[str, list[tuple[int, int, P.ShardItem]]] = {}
+        for k, (it, (acts, _)) in enumerate(zip(items, captured)):
+            if isinstance(it, P.FeatureJob):
+                for t, task in enumerate(it.tasks):
+                    dfa = tuple(acts[h] for h in dfa_hooks(task.hook)) if task.dfa else None
+                    by_sae.setdefault(task.sae_id, []).append((k, t, P.ShardItem(acts[task.hook], task.op, dfa)))
+        ids = list(by_sae)
+        self._calls["shard_run"] += len(ids)
+        answers = await asyncio.gather(*(self._shard(i).run.remote(P.ShardBatch([x for *_, x in by_sae[i]])) for i in ids),
+                                       return_exceptions=True)
+        per_item = [[None] * len(it.tasks) if isinstance(it, P.FeatureJob) else None for it in items]
+        for sae_id, answer in zip(ids, answers):
+            entries = by_sae[sae_id]
+            if isinstance(answer, BaseException):
+                err = translate_remote_error(answer)
+                for k, t, _ in entries:
+                    per_item[k][t] = err
+                continue
+            for (k, t, _), r in zip(entries, answer):
+                per_item[k][t] = r.exception() if isinstance(r, P.ItemError) else r
+        out = []
+        for k, (it, (acts, proj)) in enumerate(zip(items, captured)):
+            if isinstance(it, P.CaptureRequest):
+                out.append(acts)
+                continue
+            errors = [r for r in per_item[k] if isinstance(r, BaseException)]
+            if errors:
+                out.append(errors[0])
+                continue
+            res = P.FeatureResult(results=per_item[k], projection=proj)
+            if it.merge is not None:
+                by_sum = any(isinstance(t.op, P.RankOp) and t.op.sort_by_token_indexes for t in it.tasks)
+                res.merged, res.results = F.merge_ranked(per_item[k], it.merge, by_sum), []
+            out.append(res)
+        return out
 
     def _observe_batch(self, waits_s: list[float]) -> None:
         self._metrics.batch_size.observe(len(waits_s))
         for w in waits_s:
             self._metrics.queue_wait_ms.observe(w * 1000)
 
-    def _locked_capture(self, requests: list[CaptureRequest]):
+    def _locked_capture(self, requests: list[P.CaptureRequest]):
         with self._model_lock:
             t0 = time.monotonic()
             out = self.runner.capture(requests)
@@ -89,9 +201,10 @@ class ModelDeployment:
         return out
 
     async def capture_stats(self) -> dict:
-        """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started,
-        and its compute thread's tasks (``compute``: how many ran, how many as CPU bursts)."""
-        return {**self._capture_counts, "compute": dict(self.compute.stats)}
+        """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started;
+        handle calls received and made (``calls``: features, capture, shard_run = calls made to SAEShard); its
+        compute thread's tasks (``compute``: how many ran, how many as CPU bursts)."""
+        return {**self._capture_counts, "calls": dict(self._calls), "compute": dict(self.compute.stats)}
 
     async def generate(self, requests: list[GenerationRequest]):
         """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).

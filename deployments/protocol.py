@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from .engine.errors import RequestError
+from .engine.errors import Overloaded, RequestError
 
 # --- steering ---------------------------------------------------------------------------------------------
 
@@ -70,3 +70,169 @@ def torch_seed(seed) -> int:
             raise RequestError(f"seed must be a whole number, got {seed}")
         seed = int(seed)
     return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+# --- the model's answers about itself ---------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What the ingress needs to know about the served model, without holding it."""
+
+    n_layers: int
+    n_ctx: int
+    d_model: int
+    d_vocab: int
+    hook_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-position shape of each hook
+
+
+# --- features: what ModelDeployment and SAEShard compute for a prompt --------------------------------------
+
+
+@dataclass
+class FeatureActivation:
+    """One feature's activations over a prompt (a row of activation/all, or activation/single's answer)."""
+
+    index: int
+    values: list[float]
+    max_value: float
+    max_value_index: int
+    sum_values: float
+    dfa_values: list[float] | None = None  # attention-output SAEs only
+
+    @property
+    def dfa_max_value(self) -> float | None:
+        return max(self.dfa_values) if self.dfa_values else None
+
+    def score(self, by_sum: bool) -> float:
+        return self.sum_values if by_sum else self.max_value
+
+
+@dataclass
+class RankOp:
+    """activation/all on one SAE: its top ``num_results`` features by max (or by the sum over the indexes)."""
+
+    num_results: int
+    sort_by_token_indexes: list[int] = field(default_factory=list)
+    ignore_bos: bool = False  # zero position 0 (the BOS column)
+    feature_filter: Optional[list[int]] = None  # rank only these features
+
+
+@dataclass
+class SingleOp:
+    """activation/single: one feature's values, with the given positions zeroed and position 0 dropped if asked."""
+
+    index: int
+    zero_positions: list[int] = field(default_factory=list)
+    drop_first: bool = False
+
+
+@dataclass
+class TopkOp:
+    """activation/topk-by-token: the top ``top_k`` features at every position -> (indices, values) per position."""
+
+    top_k: int
+
+
+@dataclass
+class ActiveOp:
+    """activation/source: every non-zero activation from ``skip_positions`` on -> {"<feature>": [[pos, value]]}."""
+
+    skip_positions: int = 1
+
+
+SaeOp = Union[RankOp, SingleOp, TopkOp, ActiveOp]
+
+
+@dataclass
+class SaeTask:
+    """One operation on one SAE's encoding of a prompt's activations at ``hook``."""
+
+    sae_id: str
+    hook: str
+    op: SaeOp
+    dfa: bool = False  # an attention-output SAE: also attribute through attention (needs hook_v and hook_pattern)
+
+
+@dataclass
+class FeatureJob:
+    """One prompt: one forward pass, then its SAE tasks, each on the SAEShard replica holding that SAE.
+
+    ``merge``: activation/all over several SAEs, the tasks' rankings merged into the best ``merge`` rows (score
+    descending, ties by task order then feature index). ``project``: activation/single's vector path,
+    ``(hook, vector)`` -> ``resid[hook] @ vector`` as a FeatureActivation (no SAE).
+    """
+
+    tokens: list[int]
+    tasks: list[SaeTask] = field(default_factory=list)
+    merge: Optional[int] = None
+    project: Optional[tuple[str, list[float]]] = None
+
+
+@dataclass
+class FeatureResult:
+    """A FeatureJob's answer: one result per task (in task order), or the merged ranking, or the projection."""
+
+    results: list[Any] = field(default_factory=list)
+    merged: Optional[list[tuple[int, FeatureActivation]]] = None  # (task index, row)
+    projection: Optional[FeatureActivation] = None
+
+
+@dataclass
+class CaptureRequest:
+    """Raw activations at ``hooks`` for one prompt (``ModelDeployment.capture``): ``{hook: float32 array}``."""
+
+    tokens: list[int]
+    hooks: list[str]
+
+
+# --- SAEShard ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardItem:
+    """One prompt's activations at an SAE's hook and what to compute from them (``dfa_inputs``: hook_v, pattern)."""
+
+    acts: np.ndarray
+    op: SaeOp
+    dfa_inputs: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+
+@dataclass
+class ShardBatch:
+    """Every item of one model batch for one SAE: one handle call, one encode."""
+
+    items: list[ShardItem]
+
+
+@dataclass
+class ItemError:
+    """An item's failure, returned in its place so that the other items of its batch still get their answers."""
+
+    message: str
+    status: int = 400
+
+    def exception(self) -> RequestError:
+        return Overloaded(self.message) if self.status == 503 else RequestError(self.message, self.status)
+
+
+@dataclass
+class VectorsRequest:
+    """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries) -> float32 ``[len, d_in]``."""
+
+    indices: list[int]
+
+
+@dataclass
+class EncoderVectorRequest:
+    """``W_enc[:, index]`` after folding (util/sae-vector)."""
+
+    index: int
+
+
+@dataclass
+class CosineRequest:
+    """The decoder rows most cosine-similar to ``query`` -> (indices, cosines), best first."""
+
+    query: list[float]
+    num_results: int

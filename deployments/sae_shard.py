@@ -2,12 +2,15 @@
 
 SAEs are multiplexed by id (``serve.multiplexed``): requests for an SAE are routed to a replica that
 already holds it, a miss loads it (once, under Serve's loader lock), and each replica keeps at most
-``max_loaded_saes`` SAEs and ``max_sae_bytes`` bytes (LRU; an SAE in use is never evicted). Concurrent
-encodes for one SAE run as one batch (engine.batching). Dense ``[seq, d_sae]`` activations never leave the replica.
+``max_loaded_saes`` SAEs and ``max_sae_bytes`` bytes (LRU; an SAE in use is never evicted). ``run`` takes a whole
+model batch's items for one SAE in one call (ModelDeployment sends them) and encodes them as one matmul; concurrent
+calls for one SAE share a batch too (engine.batching). An item that fails gets its own error in its place. Dense
+``[seq, d_sae]`` activations never leave the replica.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import time
@@ -18,12 +21,15 @@ import numpy as np
 import torch
 from ray import serve
 
+from deployments import protocol as P
+from deployments.checks import check_index
 from deployments.engine import features as F
 from deployments.engine import geometry as G
 from deployments.engine.batching import Batcher
 from deployments.engine.compute import ComputeThread, burst_threads_for
 from deployments.engine.errors import RequestError
-from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
+from deployments.engine.loading import load_sae, resolve_device, sae_nbytes
+from deployments.specs import SAESpec
 from deployments.engine.residency import Resident, evict_until
 
 log = logging.getLogger("saeserve.sae_shard")
@@ -75,7 +81,7 @@ def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
 )
 class SAEShard:
     def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
-                 max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.002,
+                 max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.0,
                  torch_threads: int | None = None, burst_torch_threads: int | None = None):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
         self.device = resolve_device(device)
@@ -85,6 +91,7 @@ class SAEShard:
         self.max_loaded_saes = max_loaded_saes
         self.max_sae_bytes = max_sae_bytes
         self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0}
+        self._calls = collections.Counter()  # handle calls received, per method (the benchmark's calls per request)
         self._metrics = ShardMetrics()
         # SAE Lens (and TransformerLens under it) is imported by the first load; import it now, while the replica
         # starts, so that the first request for an SAE does not also pay seconds of imports.
@@ -151,92 +158,101 @@ class SAEShard:
             self._metrics.resident.set(len(resident))
             self._metrics.resident_bytes.set(sum(m.nbytes for m in resident.values()))
 
-    async def _encode_batch(self, acts: np.ndarray, s: LoadedSAE) -> torch.Tensor:
-        """``s``'s feature activations for ``acts``; concurrent encodes for one SAE run as one matmul."""
+    async def _encode(self, acts: list[np.ndarray], s: LoadedSAE) -> list[torch.Tensor]:
+        """``s``'s feature activations for each array in ``acts``; concurrent calls for one SAE share one matmul."""
         return await self._batcher.submit((acts, s), key=s.spec.id)
 
-    async def _encode_many(self, _sae_id: str, items: list[tuple[np.ndarray, LoadedSAE]]) -> list[torch.Tensor]:
-        """One SAE's queued encodes in one call. The SAE comes from the callers, who hold it resident: a batch
+    async def _encode_many(self, _sae_id: str, items: list[tuple[list[np.ndarray], LoadedSAE]]) -> list[list[torch.Tensor]]:
+        """One SAE's queued encodes as one matmul. The SAE comes from the callers, who hold it resident: a batch
         never loads (a load may wait for an SAE in use to go idle, and its user may be queued behind this batch)."""
-        acts_list = [a for a, _ in items]
         held = [h for _, h in items]
         s = held[0]
-        self._metrics.encode_batch_size.observe(len(items))
+        flat = [a for acts, _ in items for a in acts]
+        self._metrics.encode_batch_size.observe(len(flat))
 
-        def run() -> list[torch.Tensor]:
-            if len(acts_list) == 1:
-                return [F.encode(s.sae, acts_list[0])]
+        def run() -> list[list[torch.Tensor]]:
             if any(h is not s for h in held):  # not expected (one id per batch, held resident); stay correct anyway
-                return [F.encode(h.sae, a) for h, a in zip(held, acts_list)]
-            feats = F.encode(s.sae, np.concatenate(acts_list, axis=0))
-            return list(torch.split(feats, [a.shape[0] for a in acts_list]))
+                return [[F.encode(h.sae, a) for a in acts] for (acts, _), h in zip(items, held)]
+            feats = F.encode(s.sae, flat[0] if len(flat) == 1 else np.concatenate(flat, axis=0))
+            parts = list(torch.split(feats, [a.shape[0] for a in flat]))
+            out, k = [], 0
+            for acts, _ in items:
+                out.append(parts[k:k + len(acts)])
+                k += len(acts)
+            return out
 
-        return await self.compute.run(run, light=len(items) == 1)
+        return await self.compute.run(run, light=len(flat) == 1)
 
-    async def single(self, acts: np.ndarray, index: int, zero_positions: list[int], drop_first: bool,
-                     dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None) -> F.FeatureActivation:
+    @staticmethod
+    def _apply(s: LoadedSAE, item: P.ShardItem, feats: torch.Tensor):
+        """One item's answer from its encoded activations (on the compute thread)."""
+        op = item.op
+        if isinstance(op, P.RankOp):
+            for i in op.feature_filter or []:
+                check_index(i, s.spec.d_sae, s.spec.id)
+            rows = F.rank_features(feats, op.num_results, op.sort_by_token_indexes, op.ignore_bos, op.feature_filter)
+            if item.dfa_inputs is not None:
+                for row in rows:
+                    row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *item.dfa_inputs, row.index, row.max_value_index)
+            return rows
+        if isinstance(op, P.SingleOp):
+            check_index(op.index, s.spec.d_sae, s.spec.id)
+            row = F.single_feature(feats, op.index, op.zero_positions, op.drop_first)
+            if item.dfa_inputs is not None:
+                offset = 1 if op.drop_first else 0  # DFA in the same coordinates as ``values``
+                full = F.direct_feature_attribution(s.sae.W_enc, *item.dfa_inputs, op.index, row.max_value_index + offset)
+                row.dfa_values = full[offset:]
+            return row
+        if isinstance(op, P.TopkOp):
+            return F.topk_by_token(feats, op.top_k)
+        if isinstance(op, P.ActiveOp):
+            return F.active_entries(feats, op.skip_positions)
+        raise RequestError(f"Unknown SAE operation {type(op).__name__}")
+
+    async def run(self, batch: P.ShardBatch) -> list:
+        """Every item of a batch on this replica's SAE (the multiplexed id): one encode, then each item's operation.
+        An item that fails gets an ``ItemError`` in its place; the others still get their answers."""
+        self._calls["run"] += 1
         async with self._use() as s:
-            F.check_index(index, s.spec.d_sae, s.spec.id)
-            feats = await self._encode_batch(acts, s)
+            feats = await self._encode([it.acts for it in batch.items], s)
 
-            def run() -> F.FeatureActivation:
-                row = F.single_feature(feats, index, zero_positions, drop_first)
-                if dfa_inputs is not None:
-                    offset = 1 if drop_first else 0  # DFA in the same coordinates as ``values``
-                    full = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, index, row.max_value_index + offset)
-                    row.dfa_values = full[offset:]
-                return row
+            def apply_all() -> list:
+                out = []
+                for item, f in zip(batch.items, feats):
+                    try:
+                        out.append(self._apply(s, item, f))
+                    except RequestError as e:
+                        out.append(P.ItemError(e.message, e.status))
+                return out
 
-            return await self.compute.run(run, light=True)
+            return await self.compute.run(apply_all, light=len(batch.items) == 1)
 
-    async def rank(self, acts: np.ndarray, num_results: int, sort_by_token_indexes: list[int], ignore_bos: bool,
-                   feature_filter: list[int] | None, dfa_inputs: tuple[np.ndarray, np.ndarray] | None = None,
-                   ) -> list[F.FeatureActivation]:
-        async with self._use() as s:
-            for i in feature_filter or []:
-                F.check_index(i, s.spec.d_sae, s.spec.id)
-            feats = await self._encode_batch(acts, s)
-
-            def run() -> list[F.FeatureActivation]:
-                rows = F.rank_features(feats, num_results, sort_by_token_indexes, ignore_bos, feature_filter)
-                if dfa_inputs is not None:
-                    for row in rows:
-                        row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *dfa_inputs, row.index, row.max_value_index)
-                return rows
-
-            return await self.compute.run(run, light=True)
-
-    async def topk_by_token(self, acts: np.ndarray, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
-        async with self._use() as s:
-            feats = await self._encode_batch(acts, s)
-            return await self.compute.run(F.topk_by_token, feats, top_k, light=True)
-
-    async def active(self, acts: np.ndarray, skip_positions: int) -> dict[str, list[list[float]]]:
-        async with self._use() as s:
-            feats = await self._encode_batch(acts, s)
-            return await self.compute.run(F.active_entries, feats, skip_positions, light=True)
-
-    async def vectors(self, indices: list[int]) -> np.ndarray:
+    async def vectors(self, req: P.VectorsRequest) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""
+        self._calls["vectors"] += 1
         async with self._use() as s:
-            for i in indices:
-                F.check_index(i, s.spec.d_sae, s.spec.id)
-            return await self.compute.run(lambda: G.decoder_rows(s.sae.W_dec, indices).numpy(), light=True)
+            for i in req.indices:
+                check_index(i, s.spec.d_sae, s.spec.id)
+            return await self.compute.run(lambda: G.decoder_rows(s.sae.W_dec, req.indices).numpy(), light=True)
 
-    async def encoder_vector(self, index: int) -> list[float]:
+    async def encoder_vector(self, req: P.EncoderVectorRequest) -> list[float]:
+        self._calls["encoder_vector"] += 1
         async with self._use() as s:
-            F.check_index(index, s.spec.d_sae, s.spec.id)
-            return await self.compute.run(G.encoder_vector, s.sae.W_enc, index, light=True)
+            check_index(req.index, s.spec.d_sae, s.spec.id)
+            return await self.compute.run(G.encoder_vector, s.sae.W_enc, req.index, light=True)
 
-    async def top_cosine(self, query: np.ndarray, num_results: int) -> tuple[list[int], list[float]]:
+    async def top_cosine(self, req: P.CosineRequest) -> tuple[list[int], list[float]]:
+        self._calls["top_cosine"] += 1
         async with self._use() as s:
             # the index itself is built on first use: on the compute thread too
-            return await self.compute.run(lambda: s.decoder_index.top_cosine(torch.as_tensor(query), num_results), light=True)
+            return await self.compute.run(
+                lambda: s.decoder_index.top_cosine(torch.as_tensor(np.asarray(req.query, dtype=np.float32)), req.num_results),
+                light=True)
 
     async def metrics(self) -> dict:
         """This replica's SAE cache: resident ids and bytes, loads, hits, evictions."""
         resident = self._resident()
-        return {**self.stats, "compute": dict(self.compute.stats), "replica": serve.get_replica_context().replica_id.unique_id,
+        return {**self.stats, "calls": dict(self._calls), "compute": dict(self.compute.stats), "replica": serve.get_replica_context().replica_id.unique_id,
                 "hits": self.stats["requests"] - self.stats["loads"], "resident": list(resident),
                 "resident_bytes": sum(m.nbytes for m in resident.values())}
 

@@ -1,34 +1,43 @@
-"""The application: FastAPI app, the SAEServeIngress deployment (routing only), and ``build_app``.
+"""The application: the FastAPI app and the SAEServeIngress deployment, both built from ``ingress.endpoints``, and
+``build_app``.
 
     serve run serve_config.yaml                      # args from the file
     serve run ingress.app:build_app model=models/demo-lm sae_sets='[res-demo]'
+
+Each endpoint becomes a FastAPI route and a handle method of the same name on SAEServeIngress
+(``serve.get_app_handle("saeserve").activation_all.remote(ActivationAllRequest(...))``); both call the same
+handler. Importing this module imports neither torch nor the deployments' engines (``build_app`` does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
+from typing import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
-from deployments.engine.loading import SAESpec, resolve_sae_specs
-from deployments.model import ModelDeployment
-from deployments.sae_shard import SAEShard
+from deployments.engine.errors import RequestError
+from deployments.specs import SAESpec
 
 from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import install_auth
-from .errors import install_error_handlers
+from .backend import Backend
+from .endpoints import ENDPOINTS, Endpoint, route_paths
+from .errors import ERROR_RESPONSES, install_error_handlers
+from .handlers import Handlers
 from .limits import LimitsMiddleware
-from .routes import activation, current, install, legacy, util
-from .routes import steer as steer_routes
-from .service import SAEService
-from .steer import Steering
+from . import state
 
 log = logging.getLogger("saeserve.ingress")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 app = FastAPI(
     title="saeserve",
@@ -38,82 +47,103 @@ app = FastAPI(
 install_error_handlers(app)
 install_auth(app)
 app.add_middleware(LimitsMiddleware)  # outermost: size and time limits wrap everything, auth included
-app.include_router(activation.router)
-app.include_router(util.router)
-app.include_router(legacy.router)
-app.include_router(steer_routes.router)
 
 
 @app.get("/health", response_model=S.HealthResponse, responses={503: {"model": S.HealthResponse}})
 async def health():
-    svc: SAEService = current.service
     try:
-        await asyncio.wait_for(svc.ensure_ready(), timeout=5)
+        await asyncio.wait_for(state.current.ingress.backend.ensure_ready(), timeout=5)
     except Exception:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
     return {"status": "healthy"}
 
 
-@serve.deployment(
+class SAEServeIngress:
+    """Validates, authenticates and routes every request. Its handle methods (one per endpoint, generated below
+    from ``ingress.endpoints``) are the Python surface for Ray jobs; they take and return the HTTP bodies' models."""
+
+    def __init__(self, args: dict, specs: list[dict], model_handle, sae_handle):
+        a = AppArgs.model_validate(args)
+        self.backend = Backend(a, [SAESpec(**s) for s in specs], model_handle, sae_handle)
+        self.handlers = Handlers(self.backend, route_paths())
+        state.install(self, self.backend.secret, a.max_body_bytes, a.request_timeout_s)
+
+    async def _call(self, ep: Endpoint, req):
+        """The final answer (a handle call, or HTTP without ``stream``)."""
+        return await self.handlers.method(ep.handler)(req)
+
+    async def _http(self, ep: Endpoint, req):
+        if ep.streams and getattr(req, "stream", False):
+            area = getattr(self.handlers, ep.handler.split(".")[0])
+            events = await area.stream(req)  # every 4xx is raised here, before the first byte
+            return StreamingResponse(_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await self._call(ep, req)
+
+
+async def _sse(events: AsyncIterator) -> AsyncIterator[str]:
+    """Each event is ``data: <the whole cumulative response as JSON>``; the last equals the non-streamed reply. A
+    failure after the first event is an ``{"error": ...}`` event (with ``status``), never a silent end."""
+    try:
+        async for response in events:
+            yield f"data: {response.model_dump_json(exclude_none=True)}\n\n"
+    except RequestError as e:
+        yield f"data: {json.dumps({'error': e.message, 'status': e.status})}\n\n"
+    except Exception:
+        log.exception("stream failed")
+        yield f"data: {json.dumps({'error': 'Internal server error', 'status': 500})}\n\n"
+
+
+def _handle_method(ep: Endpoint):
+    if ep.request is None:
+        async def method(self):
+            return await self._call(ep, None)
+        method.__annotations__ = {"return": ep.response}
+    else:
+        async def method(self, req):
+            return await self._call(ep, req)
+        method.__annotations__ = {"req": ep.request, "return": ep.response}
+    method.__name__ = ep.name
+    method.__qualname__ = f"SAEServeIngress.{ep.name}"
+    method.__module__ = __name__
+    method.__doc__ = f"``{ep.method} {ep.path}`` for handle callers" + (" (the final reply; stream over HTTP)" if ep.streams else "")
+    return method
+
+
+def _add_route(ep: Endpoint) -> None:
+    if ep.request is None:
+        async def route():
+            return await state.current.ingress._http(ep, None)
+        route.__signature__ = inspect.Signature([])
+    else:
+        async def route(req):
+            return await state.current.ingress._http(ep, req)
+        route.__signature__ = inspect.Signature([inspect.Parameter("req", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                   annotation=ep.request)])
+    route.__name__ = ep.name
+    app.add_api_route(ep.path, route, methods=[ep.method], response_model=ep.response,
+                      response_model_exclude_none=ep.exclude_none, responses=ERROR_RESPONSES, tags=list(ep.tags) or None,
+                      name=ep.name)
+
+
+for _ep in ENDPOINTS:
+    _add_route(_ep)
+    if _ep.handle:
+        setattr(SAEServeIngress, _ep.name, _handle_method(_ep))
+
+SAEServeIngress = serve.deployment(
     name="SAEServeIngress",
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64},
-)
-@serve.ingress(app)
-class SAEServeIngress:
-    """Routes HTTP and handle calls. Methods below are the Python surface for Ray jobs:
-    ``serve.get_app_handle("saeserve").activation_all.remote(ActivationAllRequest(...))``."""
-
-    def __init__(self, args: dict, specs: list[dict], model_handle, sae_handle):
-        a = AppArgs.model_validate(args)
-        self.service = SAEService(a, [SAESpec(**s) for s in specs], model_handle, sae_handle)
-        install(self.service)
-
-    async def tokenize(self, req: S.TokenizeRequest) -> S.TokenizeResponse:
-        return await self.service.tokenize(req)
-
-    async def activation_single(self, req: S.ActivationSingleRequest) -> S.ActivationSingleResponse:
-        return await self.service.activation_single(req)
-
-    async def activation_single_batch(self, req: S.ActivationSingleBatchRequest) -> S.ActivationSingleBatchResponse:
-        return await self.service.activation_single_batch(req)
-
-    async def activation_all(self, req: S.ActivationAllRequest) -> S.ActivationAllResponse:
-        return await self.service.activation_all(req)
-
-    async def activation_all_batch(self, req: S.ActivationAllBatchRequest) -> S.ActivationAllBatchResponse:
-        return await self.service.activation_all_batch(req)
-
-    async def activation_topk_by_token(self, req: S.ActivationTopkByTokenRequest) -> S.ActivationTopkByTokenResponse:
-        return await self.service.activation_topk_by_token(req)
-
-    async def activation_topk_by_token_batch(self, req: S.ActivationTopkByTokenBatchRequest) -> S.ActivationTopkByTokenBatchResponse:
-        return await self.service.activation_topk_by_token_batch(req)
-
-    async def activation_source(self, req: S.ActivationSourceRequest) -> S.ActivationSourceResponse:
-        return await self.service.activation_source(req)
-
-    async def util_sae_topk_by_decoder_cossim(self, req: S.UtilSaeTopkByDecoderCossimRequest) -> S.UtilSaeTopkByDecoderCossimResponse:
-        return await self.service.util_topk_by_decoder_cossim(req)
-
-    async def util_sae_vector(self, req: S.UtilSaeVectorRequest) -> S.UtilSaeVectorResponse:
-        return await self.service.util_sae_vector(req)
-
-    async def steer_completion(self, req: S.SteerCompletionRequest) -> S.SteerCompletionPost200Response:
-        """The final response (``stream`` is ignored here; stream over HTTP)."""
-        return await Steering(self.service).completion(req)
-
-    async def steer_completion_chat(self, req: S.SteerCompletionChatPostRequest) -> S.SteerCompletionChatPost200Response:
-        return await Steering(self.service).completion(req)
-
-    async def capabilities(self) -> S.CapabilitiesResponse:
-        """GET /v1/capabilities for handle callers (model id, SAEs, limits); same answer as over HTTP."""
-        return await self.service.capabilities(list(app.openapi()["paths"]))
+)(serve.ingress(app)(SAEServeIngress))
 
 
 def build_app(args: AppArgs) -> Application:
     """Typed app builder: ``serve_config.yaml``'s ``args`` arrive validated as AppArgs."""
+    from deployments.model import ModelDeployment
+    from deployments.sae_shard import SAEShard
+    from deployments.specs import resolve_sae_specs
+
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     model_path = resolve_model_path(args.model)
@@ -128,12 +158,12 @@ def build_app(args: AppArgs) -> Application:
     def deployment(d):
         return d.options(**opts[d.name]) if d.name in opts else d
 
+    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
+                                      args.max_sae_bytes, args.encode_batch_size, args.encode_batch_wait_s,
+                                      torch_threads=args.torch_threads, burst_torch_threads=args.burst_torch_threads)
     model = deployment(ModelDeployment).bind(model_path, args.device, args.model_dtype, args.override_model_id,
                                              args.capture_batch_size, args.capture_batch_wait_s,
                                              generate_batch_rows=args.generate_batch_rows,
                                              generate_batch_wait_s=args.generate_batch_wait_s, torch_threads=args.torch_threads,
-                                             burst_torch_threads=args.burst_torch_threads)
-    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
-                                      args.max_sae_bytes, args.encode_batch_size, args.encode_batch_wait_s,
-                                      torch_threads=args.torch_threads, burst_torch_threads=args.burst_torch_threads)
+                                             burst_torch_threads=args.burst_torch_threads, sae_shard=shard)
     return deployment(SAEServeIngress).bind(args.model_dump(), [s.to_dict() for s in specs], model, shard)

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.engine import pack
-from deployments.engine.loading import DTYPES, local_path, read_sae_config
+from deployments.specs import DTYPE_NAMES, local_path, read_sae_config
 
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -66,7 +66,7 @@ class AppArgs(BaseModel):
     @field_validator("model_dtype", "sae_dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        assert v in DTYPES
+        assert v in DTYPE_NAMES
         return v
 
     @model_validator(mode="after")

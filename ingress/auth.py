@@ -7,11 +7,10 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 
+from .endpoints import BODY_SECRET_PATHS, PUBLIC_PATHS
 from .errors import error_response
+from . import state
 
-PUBLIC_PATHS = {"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-# Legacy routes carry the secret in their JSON body; they check it themselves.
-BODY_SECRET_PATHS = {"/activations-test", "/activations-all", "/top-k-by-decoder-cosine-similarity", "/completion"}
 AUTH_ERROR = "Invalid or missing X-SECRET-KEY header"
 
 
@@ -22,9 +21,7 @@ def secret_matches(given: Optional[str], secret: str) -> bool:
 def install_auth(app: FastAPI) -> None:
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        from .routes import current  # the replica's secret (see routes.current)
-
-        secret = current.secret
+        secret = state.current.secret
         path = request.url.path
         if secret and path not in PUBLIC_PATHS and path not in BODY_SECRET_PATHS:
             if not secret_matches(request.headers.get("x-secret-key"), secret):

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_models(out=sys.stdout) -> None:
-    from deployments.engine.loading import list_pretrained_models
+    from deployments.specs import list_pretrained_models
 
     models = list_pretrained_models()
     print("Available models and SAE sets (SAE Lens pretrained directory; --model_id MODEL --sae_sets SET):", file=out)
@@ -118,7 +118,7 @@ def args_from_flags(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     from pydantic import ValidationError
 
     from deployments.engine import pack
-    from deployments.engine.loading import REPO_ROOT, check_model, local_path
+    from deployments.specs import REPO_ROOT, check_model, local_path
 
     from .args import AppArgs
 
@@ -161,7 +161,7 @@ def args_from_flags(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def _build(args, parser):
     """The application (resolving every SAE spec: unknown sets and bad SAE dirs are flag errors)."""
-    from deployments.engine.loading import resolve_sae_specs
+    from deployments.specs import resolve_sae_specs
 
     from .app import build_app
 

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.engine.errors import RequestError
+from deployments.engine.errors import RequestError, is_ray_unavailable
 
 log = logging.getLogger("saeserve.ingress")
 
@@ -34,15 +34,6 @@ def _describe_validation(errors: list[dict]) -> str:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
     return "Invalid request: " + "; ".join(parts)
-
-
-def is_ray_unavailable(e: BaseException) -> bool:
-    # A replica that died or a queue that is full: the next try may succeed.
-    mod = type(e).__module__ or ""
-    return mod.startswith("ray.") and type(e).__name__ in {
-        "RayActorError", "ActorDiedError", "ActorUnavailableError", "BackPressureError", "DeploymentUnavailableError",
-        "GetTimeoutError", "TaskCancelledError", "RequestCancelledError", "ObjectLostError", "WorkerCrashedError",
-    }
 
 
 def install_error_handlers(app: FastAPI) -> None:

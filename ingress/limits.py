@@ -12,6 +12,7 @@ import asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
+from . import state
 
 
 class _BodyTooLarge(Exception):
@@ -25,9 +26,7 @@ class LimitsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from .routes import current  # this replica's settings (see routes.current)
-
-        max_bytes, timeout = current.max_body_bytes, current.request_timeout_s
+        max_bytes, timeout = state.current.max_body_bytes, state.current.request_timeout_s
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return await self._too_large(scope, receive, send, max_bytes)

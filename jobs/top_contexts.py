@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 
-from deployments.engine.errors import RequestError
+from deployments.engine.errors import RequestError, translate_remote_error, unwrap_remote_error
 from ingress import schemas as S
 
 log = logging.getLogger("saeserve.jobs.top_contexts")
@@ -100,27 +100,10 @@ def parse_features(spec: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def _request_error(e: BaseException) -> Optional[RequestError]:
-    """The replica's RequestError inside a Ray-wrapped exception (Ray re-raises it as a subclass of
-    RequestError whose ``cause`` is the original, with ``.message`` and ``.status``)."""
-    for _ in range(5):
-        if e is None:
-            return None
-        if isinstance(e, RequestError) and hasattr(e, "message"):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-    return None
-
-
 def _is_retryable(e: BaseException) -> bool:
-    inner = _request_error(e)
-    if inner is not None:
-        return inner.status == 503  # Overloaded
-    name = type(e).__name__
-    return (type(e).__module__ or "").startswith("ray.") and name in {
-        "RayActorError", "ActorDiedError", "ActorUnavailableError", "BackPressureError", "DeploymentUnavailableError",
-        "ObjectLostError", "WorkerCrashedError",
-    }
+    """A 503 from the app (overloaded), or a replica that died or is unavailable (the app's own translation)."""
+    err = translate_remote_error(e)
+    return isinstance(err, RequestError) and err.status == 503
 
 
 class _Scorer:
@@ -150,7 +133,7 @@ class _Scorer:
                 r = pending.result()
                 return [r] if isinstance(r, S.ActivationAllResponse) else list(r.results)
             except Exception as e:
-                inner = _request_error(e)
+                inner = unwrap_remote_error(e)
                 if inner is not None and inner.message.startswith("Text too long"):
                     if len(prompts) == 1:
                         return [None]
@@ -392,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        inner = _request_error(e)
+        inner = unwrap_remote_error(e)
         if inner is None:
             raise
         print(f"error: the app refused a request ({inner.status}): {inner.message}", file=sys.stderr)

@@ -7,6 +7,7 @@ one worker runs one batch at a time and takes, when it is free, everything that 
 ``max_batch_size``), so batches grow with load. A lone request waits at most ``wait_s`` for company.
 
 Items carry a key (an SAE id, say); a batch holds one key's items, the key of the oldest waiting item first.
+A batch that fails is run again item by item, so that only the items that fail alone get an error.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Batcher(Generic[I, O]):
     """``await submit(item, key)`` -> that item's result from ``run_batch(key, items)`` (one result per item)."""
 
     def __init__(self, run_batch: Callable[[Hashable, list[I]], Awaitable[list[O]]], max_batch_size: int = 16,
-                 wait_s: float = 0.005, on_batch: Callable[[list[float]], None] | None = None):
+                 wait_s: float = 0.0, on_batch: Callable[[list[float]], None] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.run_batch = run_batch
@@ -87,19 +88,44 @@ class Batcher(Generic[I, O]):
             if self.on_batch is not None:
                 self.on_batch([now - p.since for p in batch])
             try:
-                results = await self.run_batch(key, [p.item for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+                results = await self._run_checked(key, [p.item for p in batch])
             except asyncio.CancelledError:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(RuntimeError("the server is shutting down"))
+                self._shutting_down(batch)
                 raise
-            except Exception as e:  # every caller in the batch hears about it; the worker keeps going
+            except Exception as e:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(e)
+                    continue
+                # One bad item must not fail its batch-mates: run each alone, so only the one that fails hears of it
+                # (and a batch too big for memory still answers item by item).
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                    if p.future.done():
+                        continue
+                    try:
+                        (r,) = await self._run_checked(key, [p.item])
+                    except asyncio.CancelledError:
+                        self._shutting_down(batch)
+                        raise
+                    except Exception as e1:
+                        if not p.future.done():
+                            p.future.set_exception(e1)
+                    else:
+                        if not p.future.done():
+                            p.future.set_result(r)
             else:
                 for p, r in zip(batch, results):
                     if not p.future.done():
                         p.future.set_result(r)
+
+    async def _run_checked(self, key, items: list) -> list:
+        results = await self.run_batch(key, items)
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+    @staticmethod
+    def _shutting_down(batch: list[_Pending]) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the server is shutting down"))

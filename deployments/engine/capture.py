@@ -7,51 +7,12 @@ as they would be alone; we slice each prompt back to its own length.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
+from ..hooks import is_attention_map, stop_layer_for
+from ..protocol import CaptureRequest, ModelInfo
 from .errors import RequestError
-
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-def hook_layer(hook_name: str) -> int | None:
-    """The block index a hook lives in; None for hooks outside the blocks (embed, ln_final)."""
-    m = _LAYER_RE.match(hook_name)
-    return int(m.group(1)) if m else None
-
-
-def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
-    """``stop_at_layer`` that still runs every hook in ``hooks`` (None = the whole model)."""
-    stop = 0
-    for h in hooks:
-        layer = hook_layer(h)
-        if layer is None:
-            if h.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")):
-                continue
-            return None  # ln_final / unembed: run everything
-        stop = max(stop, layer + 1)
-    return None if stop >= n_layers else stop
-
-
-@dataclass
-class CaptureRequest:
-    tokens: list[int]
-    hooks: list[str]
-
-
-@dataclass
-class ModelInfo:
-    """What the ingress needs to know about the served model, without holding it."""
-
-    n_layers: int
-    n_ctx: int
-    d_model: int
-    d_vocab: int
-    hook_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-position shape of each hook
 
 
 class ModelRunner:
@@ -130,11 +91,6 @@ class ModelRunner:
         )
         host = {h: cache[h].float().cpu().numpy() for h in hooks}
         return [{h: _unpad(h, host[h][i], n) for h in r.hooks} for i, (r, n) in enumerate(zip(requests, lengths))]
-
-
-def is_attention_map(hook: str) -> bool:
-    """Hooks shaped [head, query, key] per prompt rather than [pos, ...]."""
-    return hook.endswith(("hook_pattern", "hook_attn_scores"))
 
 
 def _unpad(hook: str, act: np.ndarray, n: int) -> np.ndarray:

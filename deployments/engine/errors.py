@@ -23,3 +23,43 @@ class Overloaded(RequestError):
 
     def __reduce__(self):
         return (Overloaded, (self.message, self.status))
+
+
+# Ray's errors for a replica that died, a queue that is full or a call cut short: the next try may succeed.
+_RAY_UNAVAILABLE = {
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "BackPressureError", "DeploymentUnavailableError",
+    "GetTimeoutError", "TaskCancelledError", "RequestCancelledError", "ObjectLostError", "WorkerCrashedError",
+}
+
+
+def is_ray_unavailable(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return mod.startswith("ray.") and type(e).__name__ in _RAY_UNAVAILABLE
+
+
+def unwrap_remote_error(e: BaseException | None) -> RequestError | None:
+    """The RequestError a replica raised, if that is what this (Ray-wrapped) exception carries. Ray re-raises a
+    replica's exception as a subclass of its type whose ``cause`` is the original: prefer the original."""
+    found, seen = None, 0
+    while e is not None and seen < 8:
+        if isinstance(e, RequestError):
+            if type(e) in (RequestError, Overloaded):
+                return e
+            found = found or e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return found
+
+
+def translate_remote_error(e: BaseException) -> BaseException:
+    """The one translation of what a handle call raised: the replica's RequestError as it was raised (with its
+    status), an unavailable replica or a full queue as Overloaded (503: retry), out of memory as Overloaded, and
+    anything else unchanged (a bug: 500)."""
+    inner = unwrap_remote_error(e)
+    if inner is not None:
+        return inner
+    if is_ray_unavailable(e):
+        return Overloaded(f"The server is busy ({type(e).__name__}); retry shortly")
+    if "OutOfMemory" in type(e).__name__ or "out of memory" in str(e).lower():
+        return Overloaded("Out of memory while serving this request; retry shortly")
+    return e

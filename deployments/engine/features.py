@@ -7,31 +7,12 @@ top-k rows leave it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from ..checks import check_sort_indexes
+from ..protocol import FeatureActivation
 from .errors import RequestError
-
-
-@dataclass
-class FeatureActivation:
-    """One feature's activations over a prompt (a row of activation/all)."""
-
-    index: int
-    values: list[float]
-    max_value: float
-    max_value_index: int
-    sum_values: float
-    dfa_values: list[float] | None = None  # attention-output SAEs only
-
-    @property
-    def dfa_max_value(self) -> float | None:
-        return max(self.dfa_values) if self.dfa_values else None
-
-    def score(self, by_sum: bool) -> float:
-        return self.sum_values if by_sum else self.max_value
 
 
 @torch.no_grad()
@@ -53,11 +34,6 @@ def _first_argmax(values: torch.Tensor) -> tuple[float, int]:
     return float(m), idx
 
 
-def check_index(index: int, d_sae: int, source: str) -> None:
-    if not 0 <= index < d_sae:
-        raise RequestError(f"Feature index {index} is out of range for {source}: it has {d_sae} features (0..{d_sae - 1})")
-
-
 def single_feature(feats: torch.Tensor, index: int, zero_positions: list[int], drop_first: bool) -> FeatureActivation:
     """activation/single (SAE path): zero the given (BOS) positions, then drop position 0 if asked."""
     col = feats[:, index].clone()
@@ -70,22 +46,16 @@ def single_feature(feats: torch.Tensor, index: int, zero_positions: list[int], d
 
 
 def vector_projection(acts: np.ndarray, vector: list[float]) -> FeatureActivation:
-    """activation/single (vector path): ``acts @ vector``, unnormalised."""
+    """activation/single (vector path): ``acts @ vector``, unnormalised; a multi-dimensional hook (``attn.hook_z``:
+    [pos, head, d_head]) is flattened per position first."""
     a = torch.as_tensor(acts).float()
-    v = torch.tensor(vector, dtype=torch.float32)
+    a = a.reshape(a.shape[0], -1)
+    v = torch.tensor(vector, dtype=torch.float32, device=a.device)
     if a.shape[-1] != v.shape[0]:
         raise RequestError(f"Vector has length {v.shape[0]} but the hook's activations have width {a.shape[-1]}")
-    col = a.reshape(a.shape[0], -1) @ v
+    col = a @ v
     mx, at = _first_argmax(col)
     return FeatureActivation(index=0, values=col.tolist(), max_value=mx, max_value_index=at, sum_values=0.0)
-
-
-def check_sort_indexes(sort_by_token_indexes: list[int], n_tokens: int) -> None:
-    bad = [i for i in sort_by_token_indexes if not 0 <= i < n_tokens]
-    if bad:
-        raise RequestError(
-            f"sort_by_token_indexes {bad} out of range: the prompt has {n_tokens} tokens (indexes 0..{n_tokens - 1})"
-        )
 
 
 def rank_features(
@@ -182,16 +152,6 @@ def merge_ranked(per_source: list[list[FeatureActivation]], num_results: int, by
     flat = [(src, row) for src, rows in enumerate(per_source) for row in rows]
     flat.sort(key=lambda sr: (-sr[1].score(by_sum), sr[0], sr[1].index))
     return flat[:num_results]
-
-
-def is_attention_output_hook(hook_name: str) -> bool:
-    return hook_name.endswith("attn.hook_z")
-
-
-def dfa_hooks(hook_name: str) -> tuple[str, str]:
-    """The hooks DFA needs beside ``blocks.L.attn.hook_z``: values and attention pattern of that layer."""
-    prefix = hook_name[: -len("hook_z")]
-    return prefix + "hook_v", prefix + "hook_pattern"
 
 
 @torch.no_grad()

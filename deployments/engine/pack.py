@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_model_dir(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a pack's HookedTransformer (no weight processing, like ``from_pretrained_no_processing``)."""
+def load_model_dir(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load a pack's HookedTransformer (no weight processing, like ``from_pretrained_no_processing``); float32 unless
+    ``dtype`` says otherwise."""
+    import torch
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -80,6 +83,7 @@ def load_model_dir(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     if not is_model_dir(mdir):
         raise FileNotFoundError(f"{path} is not a model pack: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it or in its model/ folder")
     kwargs = json.loads((mdir / CONFIG_FILE).read_text())
+    dtype = torch.float32 if dtype is None else dtype
     kwargs = {**kwargs, "device": device, "dtype": dtype}
     cfg = HookedTransformerConfig(**kwargs)
     tokenizer = load_tokenizer(mdir)

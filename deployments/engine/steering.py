@@ -14,37 +14,12 @@ Each steering vector is applied once, at its own hook; several vectors at one ho
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-from ..protocol import METHODS, ORTHOGONAL_DECOMP, PROJECTION_CAP, SIMPLE_ADDITIVE, SteerVector  # noqa: F401 (re-exported)
-from .errors import RequestError
-
-
-def prepare_vector(vector, coeff: float, method: str, normalize: bool, what: str = "steering vector") -> np.ndarray:
-    """Check a vector and coefficient and (optionally) unit-normalise the vector. Raises RequestError on bad input."""
-    if method not in METHODS:
-        raise RequestError(f"Unknown steer_method {method!r}; use one of {list(METHODS)}")
-    v = np.asarray(vector, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(v)):
-        raise RequestError(f"{what} contains NaN or infinite values")
-    if not math.isfinite(coeff):
-        raise RequestError(f"{what}: strength x strength_multiplier must be finite, got {coeff}")
-    norm = float(np.linalg.norm(v))
-    if normalize or method != SIMPLE_ADDITIVE:
-        if norm == 0.0 or not math.isfinite(norm):
-            why = "normalize_steering" if normalize else method
-            raise RequestError(f"{what} is the zero vector: it has no direction to {'normalise' if normalize else 'project on'} ({why})")
-    if normalize:
-        v = v / norm
-    out = v.astype(np.float32)
-    if not np.all(np.isfinite(out)):
-        raise RequestError(f"{what} overflows float32")
-    return out
+from ..protocol import ORTHOGONAL_DECOMP, PROJECTION_CAP, SIMPLE_ADDITIVE, SteerVector
 
 
 def _expand(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -65,3 +65,20 @@ def feature_tokens(tokenizer, text: str) -> list[int]:
 def check_token_limit(n_tokens: int, limit: int) -> None:
     if n_tokens > limit:
         raise RequestError(f"Text too long: {n_tokens} tokens, max is {limit}")
+
+
+def longest_piece_chars(tokenizer) -> int:
+    """The most characters of text one token can stand for: the longest vocabulary piece (a byte-level BPE piece is
+    as long as the bytes it covers, and a text has no more characters than bytes), special tokens included."""
+    longest = max((len(p) for p in tokenizer.get_vocab()), default=1)
+    return max(longest, max((len(t) for t in tokenizer.all_special_tokens), default=1), 1)
+
+
+def check_text_length(text: str, limit: int, piece_chars: int) -> None:
+    """A bound that needs no tokenizing: a text longer than ``limit`` pieces of the longest kind cannot fit in
+    ``limit`` tokens. (Twice that, for normalisers that drop characters.) Keeps a huge prompt from costing
+    seconds of tokenizing only to be refused."""
+    most = 2 * limit * piece_chars
+    if len(text) > most:
+        raise RequestError(f"Text too long: {len(text)} characters cannot fit in {limit} tokens (the token limit; at most "
+                           f"{most} characters are tokenized)")

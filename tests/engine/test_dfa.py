@@ -7,8 +7,10 @@ import torch
 
 from deployments.engine import features as F
 from deployments.engine import tokens as T
+from deployments.hooks import dfa_hooks
 from deployments.engine.capture import CaptureRequest, ModelRunner
-from deployments.engine.loading import load_model, load_sae, sae_spec_from_dir
+from deployments.engine.loading import load_model, load_sae
+from deployments.specs import sae_spec_from_dir
 from tests import reference as R
 from tests.packs import write_hook_z_sae
 
@@ -30,7 +32,7 @@ def test_dfa_equals_direct_and_sums_to_the_encoder_input(pack_dir, setup):
     m = R.model(str(pack_dir))
     text = "The cat sat on the mat and the dog sat too"
     ids = T.feature_tokens(runner.tokenizer, text)
-    hooks = [spec.hook_name, *F.dfa_hooks(spec.hook_name)]
+    hooks = [spec.hook_name, *dfa_hooks(spec.hook_name)]
     acts = runner.capture([CaptureRequest(ids, hooks)])[0]
     _, cache = m.run_with_cache(torch.tensor([ids]))
     z, v, pat = cache[spec.hook_name][0], cache["blocks.0.attn.hook_v"][0], cache["blocks.0.attn.hook_pattern"][0]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deployments.engine import steering as St
+from deployments.protocol import METHODS
 from deployments.engine.generate import BatchGenerator, GenerationRequest, GenerationScheduler, generate, tokens_of
 from deployments.engine.pack import load_model_dir
 
@@ -49,7 +50,7 @@ def tl_hook(method, v, coeff):
     return fn
 
 
-@pytest.mark.parametrize("method", [None, *St.METHODS])
+@pytest.mark.parametrize("method", [None, *METHODS])
 def test_greedy_matches_transformer_lens_generate(model, vec, method):
     p = prompt(model, 7, 0)
     coeff = 0.5 if method == St.PROJECTION_CAP else 4.0
@@ -84,7 +85,7 @@ def test_steering_changes_the_output_and_default_is_unsteered(model, vec):
 
 
 def mixed_requests(model, vec, n=8):
-    methods = St.METHODS
+    methods = METHODS
     return [GenerationRequest(tokens=prompt(model, 3 + 5 * i % 17, 10 + i), max_new_tokens=N_NEW,
                               temperature=0.0 if i % 3 == 0 else 0.8, freq_penalty=0.5 * (i % 2), seed=100 + i,
                               n_logprobs=2, stop_tokens=[],

@@ -21,20 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments.engine.loading import (
-    SAESpec,
-    check_model,
-    list_pretrained_models,
-    load_model,
-    load_sae,
-    load_saes,
-    neuronpedia_set_of,
-    parse_dtype,
-    pretrained_sets,
-    read_sae_config,
-    resolve_sae_specs,
-    sae_nbytes,
-)
+from deployments.engine.loading import load_model, load_sae, load_saes, parse_dtype, sae_nbytes
+from deployments.specs import SAESpec, check_model, list_pretrained_models, neuronpedia_set_of, pretrained_sets, read_sae_config, resolve_sae_specs
 
 REPO = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -146,7 +134,8 @@ def test_pretrained_release_offline_from_hf_cache(hf_hub):
         from sae_lens import SAE
         from safetensors.torch import load_file
         from huggingface_hub import hf_hub_download
-        from deployments.engine.loading import resolve_sae_specs, load_sae, load_model
+        from deployments.engine.loading import load_sae, load_model
+        from deployments.specs import resolve_sae_specs
 
         specs = resolve_sae_specs("gpt2-small", ["res-jb"])
         picked = resolve_sae_specs("gpt2-small", ["res-jb"], include=[r"^(3|12)-"])

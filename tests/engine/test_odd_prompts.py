@@ -12,7 +12,8 @@ from deployments.engine import features as F
 from deployments.engine import tokens as T
 from deployments.engine.capture import CaptureRequest, ModelRunner
 from deployments.engine.errors import RequestError
-from deployments.engine.loading import load_model, load_sae, resolve_sae_specs
+from deployments.engine.loading import load_model, load_sae
+from deployments.specs import resolve_sae_specs
 from tests import reference as R
 
 ODD = st.one_of(

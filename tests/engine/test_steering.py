@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from deployments.engine import steering as St
+from deployments.protocol import METHODS
+from deployments.steer_vectors import prepare_vector
 from deployments.engine.errors import RequestError
 
 torch.manual_seed(0)
@@ -66,7 +68,7 @@ def test_projection_cap_bounds_the_projection(hv):
     assert torch.allclose(ortho(out), ortho(h), atol=1e-5)  # the orthogonal part never changes
 
 
-@pytest.mark.parametrize("method", St.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_inactive_rows_and_masked_positions_are_untouched(hv, method):
     h, v, c = hv
     active = torch.tensor([True, False, True])
@@ -83,7 +85,7 @@ def test_inactive_rows_and_masked_positions_are_untouched(hv, method):
 
 def test_rows_do_not_depend_on_each_other(hv):
     h, v, c = hv
-    for method in St.METHODS:
+    for method in METHODS:
         full = St.apply(h, method, v, c, torch.ones(B, dtype=torch.bool))
         for i in range(B):
             alone = St.apply(h[i:i + 1], method, v[i:i + 1], c[i:i + 1], torch.ones(1, dtype=torch.bool))
@@ -117,20 +119,20 @@ def test_batch_steering_hooks_apply_each_vector_once_at_its_own_hook():
 
 
 def test_prepare_vector_checks_and_normalises():
-    v = St.prepare_vector([3.0, 4.0], 1.0, St.SIMPLE_ADDITIVE, normalize=True)
+    v = prepare_vector([3.0, 4.0], 1.0, St.SIMPLE_ADDITIVE, normalize=True)
     assert np.allclose(v, [0.6, 0.8])
-    assert np.allclose(St.prepare_vector([3.0, 4.0], 1.0, St.SIMPLE_ADDITIVE, normalize=False), [3, 4])
+    assert np.allclose(prepare_vector([3.0, 4.0], 1.0, St.SIMPLE_ADDITIVE, normalize=False), [3, 4])
     with pytest.raises(RequestError) as e:
-        St.prepare_vector([0.0, 0.0], 1.0, St.SIMPLE_ADDITIVE, normalize=True)
+        prepare_vector([0.0, 0.0], 1.0, St.SIMPLE_ADDITIVE, normalize=True)
     assert e.value.status == 400 and "zero vector" in e.value.message
     for method in (St.ORTHOGONAL_DECOMP, St.PROJECTION_CAP):  # no direction to project on
         with pytest.raises(RequestError):
-            St.prepare_vector([0.0, 0.0], 1.0, method, normalize=False)
-    St.prepare_vector([0.0, 0.0], 1.0, St.SIMPLE_ADDITIVE, normalize=False)  # adding zero is fine
+            prepare_vector([0.0, 0.0], 1.0, method, normalize=False)
+    prepare_vector([0.0, 0.0], 1.0, St.SIMPLE_ADDITIVE, normalize=False)  # adding zero is fine
     for bad in ([float("nan"), 1.0], [float("inf"), 0.0]):
         with pytest.raises(RequestError):
-            St.prepare_vector(bad, 1.0, St.SIMPLE_ADDITIVE, normalize=False)
+            prepare_vector(bad, 1.0, St.SIMPLE_ADDITIVE, normalize=False)
     with pytest.raises(RequestError):
-        St.prepare_vector([1.0], float("inf"), St.SIMPLE_ADDITIVE, normalize=False)
+        prepare_vector([1.0], float("inf"), St.SIMPLE_ADDITIVE, normalize=False)
     with pytest.raises(RequestError):
-        St.prepare_vector([1e39], 1.0, St.SIMPLE_ADDITIVE, normalize=False)  # not representable in float32
+        prepare_vector([1e39], 1.0, St.SIMPLE_ADDITIVE, normalize=False)  # not representable in float32

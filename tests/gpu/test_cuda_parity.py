@@ -18,7 +18,7 @@ TOL = {"float32": (1e-4, 1e-4), "bfloat16": (5e-2, 5e-2)}
 
 @pytest.fixture(scope="module")
 def specs(pack_dir):
-    from deployments.engine.loading import resolve_sae_specs
+    from deployments.specs import resolve_sae_specs
 
     return resolve_sae_specs(str(pack_dir), ["res-demo"], [], [], [])
 

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 
 from ingress.errors import install_error_handlers
 from ingress.limits import LimitsMiddleware
-from ingress.routes import current
+from ingress.state import current
 
 
 @pytest.fixture

@@ -57,10 +57,16 @@ def test_bad_input_is_4xx_with_message(http, route, body, status, needle):
     assert http.post("/v1/activation/all", json=OK_ALL).status_code == 200
 
 
-def test_token_limit_message_is_exact(http):
+def test_token_limit_message_is_exact(http, pack_dir):
+    from tests import reference as R
+
     r = http.post("/v1/activation/all", json={**OK_ALL, "prompt": LONG})
-    n = len(http.post("/v1/tokenize", json={"model": MODEL_ID, "text": "<|bos|>" + LONG, "prepend_bos": False}).json()["tokens"])
+    m = R.model(str(pack_dir))
+    n = len(m.to_tokens(R.feature_prompt(m, LONG), prepend_bos=False, truncate=False)[0])
     assert r.json() == {"error": f"Text too long: {n} tokens, max is 64"}
+    # tokenize has the same limit (its answer is as large as its input)
+    t = http.post("/v1/tokenize", json={"model": MODEL_ID, "text": LONG, "prepend_bos": True})
+    assert t.status_code == 400 and t.json()["error"].startswith("Text too long: ")
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])

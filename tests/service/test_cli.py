@@ -125,7 +125,7 @@ def test_cli_serves_a_pack_and_shuts_down_cleanly_on_sigint(random_pack):
 
 
 def test_list_models_matches_sae_lens_directory():
-    from deployments.engine.loading import list_pretrained_models
+    from deployments.specs import list_pretrained_models
 
     r = _run("--list_models", timeout=240)
     assert r.returncode == 0, r.stderr

@@ -10,9 +10,8 @@ import math
 
 import pytest
 
-from deployments.engine.errors import RequestError
+from deployments.engine.errors import RequestError, unwrap_remote_error
 from ingress import schemas as S
-from ingress.service import unwrap_remote_error
 
 from tests.compare import assert_same_answer
 from tests.conftest import demo_pack_dir

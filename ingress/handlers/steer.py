@@ -5,7 +5,7 @@ generate on ModelDeployment (STEERED and DEFAULT rows together), and shape the (
     async for response in prepared.stream(): ...       # the whole cumulative response after each step
     response = await prepared.final()                  # or just the last one
 
-Nothing here imports Ray: handles are duck-typed, as in ``service.py``.
+Nothing here imports Ray or torch: handles are duck-typed (see ``ingress.backend``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
-from deployments.engine import features as F
+from deployments import protocol as P
+from deployments.checks import check_index
 from deployments.engine import tokens as T
-from deployments.engine.errors import RequestError
+from deployments.engine.errors import RequestError, translate_remote_error
 from deployments.protocol import MAX_LOGPROBS, GenerationRequest, StepEvent, SteerVector, torch_seed
-from deployments.engine.steering import prepare_vector
+from deployments.steer_vectors import prepare_vector
 
-from . import schemas as S
-from .service import SAEService, unwrap_remote_error
+from .. import schemas as S
+from .base import Handler
 
 ChatRequest = S.SteerCompletionChatPostRequest
 AnyRequest = Union[S.SteerCompletionRequest, ChatRequest]
@@ -69,10 +70,9 @@ class _Out:
 class Prepared:
     """A validated steer request, ready to generate."""
 
-    def __init__(self, steering: "Steering", req: AnyRequest, chat: bool, ids: list[int], rows: list[GenerationRequest],
+    def __init__(self, steering: "SteerHandler", req: AnyRequest, chat: bool, ids: list[int], rows: list[GenerationRequest],
                  kinds: list[S.SteerType], prompt_text: str, messages: Optional[list[dict]]):
-        self.steering = steering
-        self.svc = steering.svc
+        self.backend = steering.backend
         self.req = req
         self.chat = chat
         self.ids = ids
@@ -88,11 +88,11 @@ class Prepared:
     def _tok_str(self, t: int) -> str:
         s = self._str.get(t)
         if s is None:
-            s = self._str[t] = T.str_tokens(self.svc.tokenizer, [t])[0]
+            s = self._str[t] = T.str_tokens(self.backend.tokenizer, [t])[0]
         return s
 
     def _text(self, tokens: list[int]) -> str:
-        return self.svc.tokenizer.decode(tokens, clean_up_tokenization_spaces=False) if tokens else ""
+        return self.backend.tokenizer.decode(tokens, clean_up_tokenization_spaces=False) if tokens else ""
 
     def _logprob(self, e: StepEvent) -> S.NPLogprob:
         fin = lambda v: max(float(v), -1e30)  # JSON has no -inf
@@ -120,7 +120,7 @@ class Prepared:
         """The whole cumulative response after each generation step; the last one is the final response."""
         outs = {t: _Out(t) for t in self.kinds}
         by_row = [outs[t] for t in self.kinds]
-        gen = self.svc.model.options(stream=True).generate.remote(self.rows)
+        gen = self.backend.model_stream.generate.remote(self.rows)
         try:
             it = gen.__aiter__()
             while not all(o.done for o in by_row):
@@ -129,10 +129,10 @@ class Prepared:
                 except StopAsyncIteration:
                     break
                 except Exception as e:
-                    inner = unwrap_remote_error(e)
-                    if inner is not None:
-                        raise inner from None
-                    raise
+                    err = translate_remote_error(e)
+                    if err is e:
+                        raise
+                    raise err from None
                 for e in step:
                     o = by_row[e.row]
                     if e.token is not None:
@@ -153,15 +153,11 @@ class Prepared:
         return last
 
 
-class Steering:
-    def __init__(self, svc: SAEService):
-        self.svc = svc
-
+class SteerHandler(Handler):
     # --- validation ------------------------------------------------------------------------------------------
 
     def _check_scalars(self, req: AnyRequest) -> None:
-        svc = self.svc
-        svc.check_model(req.model)
+        self.check_model(req.model)
         if not req.types:
             raise RequestError("types is empty: ask for STEERED, DEFAULT or both")
         has_f, has_v = bool(req.features), bool(req.vectors)
@@ -179,44 +175,38 @@ class Steering:
         torch_seed(req.seed)
         if req.n_completion_tokens < 1:
             raise RequestError(f"n_completion_tokens must be at least 1, got {req.n_completion_tokens}")
-        cap = svc.args.max_completion_tokens
+        cap = self.args.max_completion_tokens
         if req.n_completion_tokens > cap:
             raise RequestError(f"n_completion_tokens is {req.n_completion_tokens}, max is {cap}")
 
-    def _hook_width(self, hook: str) -> int:
-        shape = self.svc.info.hook_shapes.get(hook)
-        if shape is None:
-            raise RequestError(f"Unknown hook: {hook}. Hooks look like blocks.0.hook_resid_post")
-        return math.prod(shape)
-
     async def _vectors(self, req: AnyRequest) -> list[SteerVector]:
         """Each feature/vector as (hook, vector, coeff): features resolve to W_dec rows on their SAE's shard."""
-        svc = self.svc
+        b = self.backend
         method = req.steer_method.value
         mult = float(req.strength_multiplier)
         raw: list[tuple[str, object, float, str]] = []  # hook, vector, coeff, label
         if req.features:
             by_source: dict[str, list[int]] = {}
             for f in req.features:
-                svc.check_model(f.model)
-                spec = svc.spec(f.source)
-                F.check_index(f.index, spec.d_sae, spec.id)
+                self.check_model(f.model)
+                spec = b.spec(f.source)
+                check_index(f.index, spec.d_sae, spec.id)
                 _finite(f.strength, f"strength of feature {f.source}/{f.index}")
                 by_source.setdefault(f.source, []).append(f.index)
             sources = list(by_source)
-            rows = await asyncio.gather(*(svc._call(svc.on_shard(s).vectors.remote(by_source[s])) for s in sources))
+            rows = await asyncio.gather(*(b.call(b.shard(s).vectors.remote(P.VectorsRequest(by_source[s]))) for s in sources))
             lookup = {(s, i): r for s, rs in zip(sources, rows) for i, r in zip(by_source[s], rs)}
             for f in req.features:
-                spec = svc.spec(f.source)
-                width = self._hook_width(spec.hook_name)
+                spec = b.spec(f.source)
+                width = self.hook_width(spec.hook_name)
                 vec = lookup[(f.source, f.index)]
                 if len(vec) != width:
                     raise RequestError(f"{f.source} decoder rows have length {len(vec)} but {spec.hook_name} has width {width}")
                 raw.append((spec.hook_name, vec, float(f.strength) * mult, f"feature {f.source}/{f.index}"))
         else:
             for k, v in enumerate(req.vectors):
-                width = self._hook_width(v.hook)
-                svc.check_finite(v.steering_vector, f"vectors[{k}].steering_vector")
+                width = self.hook_width(v.hook)
+                self.check_finite(v.steering_vector, f"vectors[{k}].steering_vector")
                 if len(v.steering_vector) != width:
                     raise RequestError(f"vectors[{k}].steering_vector has length {len(v.steering_vector)} but {v.hook} has width {width}")
                 _finite(v.strength, f"vectors[{k}].strength")
@@ -228,10 +218,10 @@ class Steering:
 
     async def prepare(self, req: AnyRequest) -> Prepared:
         chat = isinstance(req, ChatRequest)
-        svc = self.svc
+        b = self.backend
         self._check_scalars(req)
-        await svc.ensure_ready()
-        tok = svc.tokenizer
+        await b.ensure_ready()
+        tok = b.tokenizer
         messages = None
         if chat:
             messages = [{"role": m.role, "content": m.content} for m in req.prompt]
@@ -241,11 +231,10 @@ class Steering:
             prompt_text = strip_bos(tok, templated)
         else:
             templated = prompt_text = req.prompt
-        ids = T.feature_tokens(tok, templated)  # BOS first, exactly once
+        ids = (await self.tokens(templated)).ids  # BOS first, exactly once; within the token limit
         if not ids:
             raise RequestError("prompt is empty")
-        T.check_token_limit(len(ids), svc.token_limit)
-        n_ctx = svc.info.n_ctx
+        n_ctx = b.info.n_ctx
         if len(ids) + req.n_completion_tokens > n_ctx:
             raise RequestError(f"Prompt ({len(ids)} tokens) + n_completion_tokens ({req.n_completion_tokens}) is more than the "
                                f"model's context length ({n_ctx}); shorten the prompt or ask for fewer tokens")
@@ -262,37 +251,8 @@ class Steering:
         """The final (non-streamed) response: for Ray handles and ``stream: false``."""
         return await (await self.prepare(req)).final()
 
-    # --- legacy POST /completion -----------------------------------------------------------------------------
+    completion_chat = completion
 
-    async def legacy_completion(self, req: S.LegacyCompletionRequest) -> S.LegacyCompletionResponse:
-        svc = self.svc
-        svc.check_body_secret(req.secret)
-        svc.check_model(req.model)
-        kinds = []
-        for t in req.types:
-            try:
-                kinds.append(S.SteerType(t.upper()))
-            except ValueError:
-                raise RequestError(f"Unknown type {t!r}: use 'steered' and/or 'default'") from None
-        feats = []
-        for f in req.features:
-            try:
-                idx = int(f.index)
-            except ValueError:
-                raise RequestError(f"index must be an integer feature index, got {f.index!r}") from None
-            feats.append(S.NPSteerFeature(model=req.model, source=f.layer, index=idx, strength=f.strength))
-        common = dict(model=req.model, steer_method=req.steer_method, normalize_steering=req.normalize_steering,
-                      types=kinds, features=feats, n_completion_tokens=req.n_completion_tokens,
-                      temperature=req.temperature, strength_multiplier=req.strength_multiplier,
-                      freq_penalty=req.freq_penalty, seed=req.seed)
-        out = {}
-        if req.instruct:
-            r = await self.completion(ChatRequest(prompt=[S.NPSteerChatMessage(role="user", content=req.prompt)],
-                                                  steer_special_tokens=True, **common))
-            for o in r.outputs:
-                out[o.type.value.lower()] = S.LegacyCompletionOutput(chat_template=o.chat_template, raw=o.raw)
-        else:
-            r = await self.completion(S.SteerCompletionRequest(prompt=req.prompt, **common))
-            for o in r.outputs:
-                out[o.type.value.lower()] = S.LegacyCompletionOutput(raw=o.output)
-        return S.LegacyCompletionResponse(**out)
+    async def stream(self, req: AnyRequest):
+        """``stream: true``: validated now (every 4xx before the first byte), then the cumulative responses."""
+        return (await self.prepare(req)).stream()

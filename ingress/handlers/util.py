@@ -1,0 +1,76 @@
+"""/v1/util/* (decoder geometry: ingress -> SAEShard only) and /v1/capabilities."""
+
+from __future__ import annotations
+
+from deployments import protocol as P
+from deployments.checks import check_index
+from deployments.engine.errors import RequestError
+
+from .. import schemas as S
+from ..backend import Backend
+from .base import Handler
+
+MAX_COSSIM_RESULTS = 128  # the contract's cap on util/sae-topk-by-decoder-cossim's num_results
+
+
+class UtilHandler(Handler):
+    def __init__(self, backend: Backend, routes: list[str]):
+        super().__init__(backend)
+        self.routes = sorted(routes)
+
+    async def sae_topk_by_decoder_cossim(self, req: S.UtilSaeTopkByDecoderCossimRequest) -> S.UtilSaeTopkByDecoderCossimResponse:
+        b = self.backend
+        self.check_model(req.model)
+        if (req.feature is None) == (req.vector is None):
+            raise RequestError("Send exactly one of feature or vector")
+        target = b.spec(req.source)
+        if req.num_results < 0:
+            raise RequestError(f"num_results must be at least 0, got {req.num_results}")
+        if req.feature is not None:
+            self.check_model(req.feature.model)
+            src = b.spec(req.feature.source)
+            check_index(req.feature.index, src.d_sae, src.id)
+            if src.d_in != target.d_in:
+                raise RequestError(f"{src.id} and {target.id} live in different spaces ({src.d_in} vs {target.d_in})")
+            query = (await b.call(b.shard(src.id).vectors.remote(P.VectorsRequest([req.feature.index]))))[0].tolist()
+        else:
+            self.check_finite(req.vector, "vector")
+            if len(req.vector) != target.d_in:
+                raise RequestError(f"vector has length {len(req.vector)} but {target.id}'s decoder rows have length {target.d_in}")
+            query = [float(v) for v in req.vector]
+        n = min(req.num_results, MAX_COSSIM_RESULTS)
+        idx, cos = await b.call(b.shard(target.id).top_cosine.remote(P.CosineRequest(query, n)))
+        model = self.args.served_model_id
+        return S.UtilSaeTopkByDecoderCossimResponse(
+            feature=req.feature,
+            topk_decoder_cossim_features=[
+                S.CossimFeature(feature=S.NPFeature(model=model, source=target.id, index=i), cosine_similarity=c)
+                for i, c in zip(idx, cos)])
+
+    async def sae_vector(self, req: S.UtilSaeVectorRequest) -> S.UtilSaeVectorResponse:
+        b = self.backend
+        self.check_model(req.model)
+        spec = b.spec(req.source)
+        check_index(req.index, spec.d_sae, spec.id)
+        vec = await b.call(b.shard(spec.id).encoder_vector.remote(P.EncoderVectorRequest(req.index)))
+        return S.UtilSaeVectorResponse(vector=vec, hook_name=spec.hook_name)
+
+    async def capabilities(self, _req=None) -> S.CapabilitiesResponse:
+        """What this deployment serves: model, SAEs, limits, routes, steering methods."""
+        b = self.backend
+        await b.ensure_ready()
+        a = self.args
+        return S.CapabilitiesResponse(
+            model=a.served_model_id,
+            accepted_model_ids=sorted(b.model_ids),
+            n_layers=b.info.n_layers, n_ctx=b.info.n_ctx, d_model=b.info.d_model,
+            sae_sets={k: [s.id for s in v] for k, v in b.sets.items()},
+            saes=[S.SAEInfo(id=s.id, set=s.set_name, hook_name=s.hook_name, d_in=s.d_in, d_sae=s.d_sae,
+                            architecture=s.architecture) for s in b.specs.values()],
+            limits={"token_limit": b.token_limit, "max_batch_prompts": a.max_batch_prompts,
+                    "max_num_results": a.max_num_results, "max_top_k": a.max_top_k,
+                    "max_cossim_results": MAX_COSSIM_RESULTS, "max_completion_tokens": a.max_completion_tokens,
+                    "max_loaded_saes_per_replica": a.max_loaded_saes},
+            routes=self.routes,
+            steer_methods=[m.value for m in S.SteerMethod] if any(r.startswith("/v1/steer") for r in self.routes) else [],
+        )
