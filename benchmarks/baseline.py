@@ -33,7 +33,7 @@ class Baseline:
         m.load_state_dict(load_file(str(mdir / "model.safetensors")))
         self.model = m.to(device).eval()
         self.saes = {}
-        for layer in shape.layers:
+        for layer in shape.set_layers or shape.layers:
             s = SAE.load_from_disk(str(Path(pack) / "saes" / shape.set_name / str(layer)), device=device)
             s.fold_W_dec_norm()
             self.saes[layer] = s.eval()
@@ -58,10 +58,14 @@ class Baseline:
         shape = self.shape
         if w.kind == "steer":
             return self.steer(prompt, shape.single_layer, feature_index(shape, i))
+        if w.kind == "tokenize":
+            ids = self.model.to_tokens(prompt, prepend_bos=True, truncate=False)[0].tolist()
+            return dict(tokens=ids, token_strings=self.model.to_str_tokens(torch.tensor(ids)))
         toks = self._tokens(prompt)
         strs = self.model.to_str_tokens(toks[0])
         if w.kind == "all":
-            layers = [shape.single_layer] if w.name == "all-1" else sae_layers(shape, 3)
+            layers = {"all-1": [shape.single_layer], "all-set": list(shape.set_layers or shape.layers)}.get(
+                w.name, sae_layers(shape, 3))
             rows = []
             for l, f in self._feats(toks, layers).items():
                 f[0] = 0  # ignore_bos

@@ -142,26 +142,43 @@ class Profiler:
 
 
 def capture_stats() -> dict | None:
-    """ModelDeployment's capture counters (one pinned replica), or None if they cannot be read."""
+    """ModelDeployment's capture counters and SAEShard's call counts (one pinned replica each), and every service
+    process's CPU seconds so far; None for what cannot be read."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from .service import process_cpu
 
     def read():
         from ray import serve
 
-        return serve.get_deployment_handle("ModelDeployment", app_name="saeserve").capture_stats.remote().result(timeout_s=30)
+        model = serve.get_deployment_handle("ModelDeployment", app_name="saeserve").capture_stats.remote().result(timeout_s=30)
+        shard = serve.get_deployment_handle("SAEShard", app_name="saeserve").metrics.remote().result(timeout_s=30)
+        return {**model, "shard_calls": shard.get("calls", {})}
 
     try:  # from a plain thread: Serve refuses blocking handle calls on a thread running an event loop
         with ThreadPoolExecutor(1) as ex:
-            return ex.submit(read).result()
+            out = ex.submit(read).result()
     except Exception as e:  # a benchmark must not fail on its diagnostics
         print(f"  (capture stats unavailable: {type(e).__name__}: {e})", flush=True)
-        return None
+        out = {}
+    out["cpu"] = process_cpu()
+    return out
 
 
-def capture_delta(before: dict | None, after: dict | None) -> dict | None:
+def capture_delta(before: dict | None, after: dict | None, requests: int = 0) -> dict | None:
     if not before or not after:
         return None
-    d = {k: after[k] - before[k] for k in ("batches", "prompts", "tokens", "forward_s")}
+    d: dict = {}
+    if requests:
+        cpu = {k: after["cpu"].get(k, 0.0) - before["cpu"].get(k, 0.0) for k in after.get("cpu", {})}
+        d["cpu_ms_per_request"] = {k: round(1000 * v / requests, 2) for k, v in sorted(cpu.items())}
+        calls = lambda st: sum((st.get("calls") or {}).get(m, 0) for m in ("features", "capture")) + sum(  # noqa: E731
+            (st.get("shard_calls") or {}).values())
+        if "calls" in after:
+            d["handle_calls_per_request"] = round((calls(after) - calls(before)) / requests, 3)
+    if "batches" not in after or "batches" not in before:
+        return d
+    d.update({k: after[k] - before[k] for k in ("batches", "prompts", "tokens", "forward_s")})
     if d["batches"]:
         d["prompts_per_batch"] = d["prompts"] / d["batches"]
     if d["prompts"]:
@@ -203,7 +220,7 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                 finally:
                     if prof:
                         prof.stop()
-                r.model = capture_delta(before[0] if before else None, capture_stats())
+                r.model = capture_delta(before[0] if before else None, capture_stats(), r.requests)
                 out.append(r)
                 m = r.model
                 print(f"  service  {w.name:7s} c={c:<3d} n={r.requests:3d} err={r.errors} p50 {r.pct(.5):8.1f} ms  "
@@ -211,6 +228,8 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                       + (f"  model: {m['prompts_per_batch']:.1f} prompts/batch, {m['forward_ms_per_prompt']:.0f} ms/prompt"
                          if m and m.get("prompts") else "")
                       + (f", {100 * m['burst_share']:.0f}% of tasks burst" if m and "burst_share" in m else "")
+                      + (f"  calls/req {m['handle_calls_per_request']}" if m and "handle_calls_per_request" in m else "")
+                      + (f"  CPU ms/req {m['cpu_ms_per_request']}" if m and m.get("cpu_ms_per_request") else "")
                       + (f"  first error: {r.first_error}" if r.first_error else ""), flush=True)
     return out
 
@@ -265,23 +284,37 @@ def _f(x, fmt):
 
 def markdown_table(result: dict) -> str:
     labels = {w.name: w.label for w in WORKLOADS.values()}
-    lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms | prompts / forward pass |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms | prompts / forward pass "
+             "| handle calls / req | CPU ms / req: proxy · ingress · model · shard · ray |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def per_batch(s: dict) -> str:
         m = s.get("model") or {}
         return f"{m['prompts_per_batch']:.1f}" if m.get("prompts_per_batch") else "–"
 
+    def calls(s: dict) -> str:
+        m = s.get("model") or {}
+        return f"{m['handle_calls_per_request']:.2f}" if m.get("handle_calls_per_request") is not None else "–"
+
+    def cpu(s: dict) -> str:
+        c = (s.get("model") or {}).get("cpu_ms_per_request") or {}
+        if not c:
+            return "–"
+        proxy = c.get("proxy", 0.0) + c.get("haproxy", 0.0)
+        return " · ".join(f"{v:.1f}" for v in (proxy, c.get("ingress", 0.0), c.get("model", 0.0), c.get("shard", 0.0),
+                                                c.get("ray", 0.0)))
+
     for name, b in result["baseline"].items():
         lines.append(f"| {labels.get(name, name)} — **baseline** (serial, in-process) | 1 | {b['requests']} | {b['p50_ms']:.1f} | "
-                     f"{b['p95_ms']:.1f} | {b['rps']:.2f} | {b['tps']:,.0f} | 1 | 1 | 0 | 1 |")
+                     f"{b['p95_ms']:.1f} | {b['rps']:.2f} | {b['tps']:,.0f} | 1 | 1 | 0 | 1 | 0 | – |")
         for s in result["service"]:
             if s["workload"] != name:
                 continue
             err = f" ({s['errors']} errors)" if s["errors"] else ""
             lines.append(f"| {labels.get(name, name)} — service | {s['concurrency']} | {s['requests']}{err} | {s['p50_ms']:.1f} | "
                          f"{s['p95_ms']:.1f} | {s['rps']:.2f} | {s['tps']:,.0f} | {_f(s.get('rps_ratio'), '.2f')} | "
-                         f"{_f(s.get('tps_ratio'), '.2f')} | {_f(s.get('added_p50_ms'), '+.1f')} | {per_batch(s)} |")
+                         f"{_f(s.get('tps_ratio'), '.2f')} | {_f(s.get('added_p50_ms'), '+.1f')} | {per_batch(s)} | {calls(s)} | "
+                         f"{cpu(s)} |")
     return "\n".join(lines)
 
 
@@ -314,11 +347,15 @@ def main(argv=None) -> dict:
     p.add_argument("--deployment-options", default="{}", help="JSON merged over one pinned replica per deployment")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads in ModelDeployment and SAEShard (Ray gives fractional-CPU actors 1)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the whole Ray cluster this run starts (e.g. RAY_SERVE_ENABLE_HA_PROXY=1); repeatable")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--profile", default=None, metavar="WORKLOAD:CONC", help="py-spy every replica during that cell")
     p.add_argument("--profile-dir", default=str(REPO / ".bench" / "profiles"))
     a = p.parse_args(argv)
+    serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
+    os.environ.update(serve_env)  # before Ray is imported: Serve reads its settings from the environment at import
 
     shape = SHAPES[a.shape]
     concurrency = [int(c) for c in a.concurrency.split(",") if c]
@@ -357,6 +394,7 @@ def main(argv=None) -> dict:
         app_args = app_args_for(pack, shape, a.device, parse_kv(a.app_arg), json.loads(a.deployment_options),
                                 a.torch_threads)
         result["settings"]["app_args"] = {k: v for k, v in app_args.items() if k != "model"}
+        result["settings"]["serve_env"] = serve_env
         print(f"# starting the service ({shape.name}, {a.device})", flush=True)
         base = service.start(app_args)
         print(f"# service over HTTP at concurrency {concurrency}", flush=True)

@@ -84,6 +84,39 @@ def replica_pids() -> dict[str, int]:
     return out
 
 
+def _role(cmdline: str, name: str) -> str | None:
+    """Which part of the service a process is: proxy, ingress, model, shard, haproxy, or ray (its daemons)."""
+    if cmdline.startswith("ray::ProxyActor") or cmdline.startswith("ray::HAProxyManager"):
+        return "proxy"
+    if cmdline.startswith("ray::ServeReplica"):
+        for key, role in (("SAEServeIngress", "ingress"), ("ModelDeployment", "model"), ("SAEShard", "shard")):
+            if key in cmdline:
+                return role
+        return "replica"
+    if name == "haproxy" or cmdline.split()[0].endswith("/haproxy"):
+        return "haproxy"
+    if name in ("raylet", "gcs_server") or cmdline.startswith(("ray::ServeController", "ray::IDLE", "ray::DashboardAgent")):
+        return "ray"
+    return None
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each part of the service among this process's descendants."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            role = _role(" ".join(p.cmdline()) or p.name(), p.name())
+            if role is None:
+                continue
+            t = p.cpu_times()
+        except (psutil.Error, IndexError):
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
 def stop() -> None:
     import ray
     from ray import serve

@@ -30,6 +30,7 @@ class Shape:
     cfg: dict = field(default_factory=dict, hash=False)  # HookedTransformerConfig kwargs (generated packs)
     d_sae: int = 0
     pack: str | None = None  # an existing pack (demo) instead of a generated one
+    set_layers: tuple[int, ...] = ()  # every SAE of the set (the "all-set" workload); () = ``layers``
 
     def sae_id(self, layer: int) -> str:
         return f"{layer}-{self.set_name}"
@@ -42,6 +43,13 @@ SHAPES: dict[str, Shape] = {
         name="gpt2-small", model_name="gpt2-small-bench", set_name="res-bench", layers=(4, 8, 11), single_layer=8,
         prompt_tokens=(48, 80), d_sae=24576,
         cfg=dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, act_fn="gelu_new",
+                 normalization_type="LN", positional_embedding_type="standard", original_architecture="GPT2LMHeadModel"),
+    ),
+    # many SAEs, little compute each: what a Neuronpedia set such as gemmascope-res-16k (26 SAEs) costs in calls
+    "wide": Shape(
+        name="wide", model_name="wide-bench", set_name="res-bench", layers=tuple(range(24)), single_layer=12,
+        prompt_tokens=(12, 24), d_sae=512,
+        cfg=dict(n_layers=24, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=128, act_fn="gelu",
                  normalization_type="LN", positional_embedding_type="standard", original_architecture="GPT2LMHeadModel"),
     ),
     # a few-second shape for the smoke test and quick harness checks
@@ -94,18 +102,19 @@ def _tokenizer_for(shape: Shape):
 
 
 def resolve_layers(shape: Shape, pack: Path) -> Shape:
-    """For an existing pack (demo), the SAE layers it really has (it may be rebuilt with other layers)."""
+    """The SAE layers the pack really has: for an existing pack (demo, which may be rebuilt with other layers) the
+    workloads' layers too; for every shape, ``set_layers`` (the whole set)."""
     import dataclasses
 
     from deployments.engine.pack import local_sae_set_dirs
 
-    if not shape.pack:
-        return shape
     layers = tuple(sorted(int(k.split("-", 1)[0]) for k in local_sae_set_dirs(pack, shape.set_name) if k.split("-", 1)[0].isdigit()))
     if not layers:
         raise FileNotFoundError(f"{pack} has no SAEs in set {shape.set_name}")
+    if not shape.pack:
+        return dataclasses.replace(shape, set_layers=layers)
     single = shape.single_layer if shape.single_layer in layers else layers[-1]
-    return dataclasses.replace(shape, layers=layers[-3:], single_layer=single)
+    return dataclasses.replace(shape, layers=layers[-3:], single_layer=single, set_layers=layers)
 
 
 def _stamp(shape: Shape) -> dict:

@@ -28,12 +28,15 @@ class Workload:
     name: str  # short key, used by --only
     route: str  # HTTP path
     label: str  # for tables
-    kind: str  # all | single | topk | steer
+    kind: str  # tokenize | all | single | topk | steer
 
     def body(self, shape: Shape, prompt: str, i: int) -> dict:
         model = shape.model_name
+        if self.kind == "tokenize":
+            return dict(model=model, text=prompt, prepend_bos=True)
         if self.kind == "all":
-            selected = [shape.sae_id(shape.single_layer)] if self.name == "all-1" else [shape.sae_id(l) for l in sae_layers(shape, 3)]
+            selected = {"all-1": [shape.sae_id(shape.single_layer)], "all-set": []}.get(
+                self.name, [shape.sae_id(l) for l in sae_layers(shape, 3)])
             return dict(prompt=prompt, model=model, source_set=shape.set_name, selected_sources=selected,
                         sort_by_token_indexes=[], ignore_bos=True, num_results=NUM_RESULTS)
         if self.kind == "single":
@@ -55,8 +58,10 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("tokenize", "/v1/tokenize", "tokenize (the HTTP path alone)", "tokenize"),
     Workload("all-1", "/v1/activation/all", "activation/all, 1 SAE", "all"),
     Workload("all-3", "/v1/activation/all", "activation/all, 3 SAEs", "all"),
+    Workload("all-set", "/v1/activation/all", "activation/all, every SAE of the set", "all"),
     Workload("single", "/v1/activation/single", "activation/single", "single"),
     Workload("topk", "/v1/activation/topk-by-token", "activation/topk-by-token", "topk"),
     Workload("steer", "/v1/steer/completion", f"steer/completion (+{STEER_TOKENS} tok, STEERED+DEFAULT)", "steer"),

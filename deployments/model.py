@@ -69,6 +69,7 @@ class ModelDeployment:
         # The SAEShard deployment, for the SAE half of feature jobs; one handle per SAE id, made once.
         self._sae_shard = sae_shard
         self._shards: dict[str, object] = {}
+        self._home: dict[str, str] = {}  # SAE id -> the SAEShard replica that last answered for it
         # Concurrent jobs share forward passes; a batch forms when the model is free (engine.batching).
         self._batcher = Batcher(self._run_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
 
@@ -78,15 +79,24 @@ class ModelDeployment:
 
     # --- feature jobs: one forward pass per batch of prompts, then one SAEShard call per SAE per batch ---------
 
-    async def features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult]:
-        """Each job's answer (see ``protocol.FeatureJob``). Jobs from concurrent calls share a forward pass, and
-        the SAE work of a whole batch goes out as one SAEShard call per SAE, straight from here: activations never
-        travel back through the ingress. A job that fails raises here for its own call only."""
+    async def features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult | P.ItemError]:
+        """Each job's answer (see ``protocol.FeatureJob``), or its ItemError: one call may carry several requests'
+        jobs, and one job's failure is its own. Jobs from concurrent calls share a forward pass, and the SAE work of
+        a whole batch goes out as one SAEShard call per replica, straight from here: activations never travel back
+        through the ingress."""
         self._calls["features"] += 1
-        for j in jobs:
-            self._check(j.tokens, self._job_hooks(j))  # fail this call alone, before it joins a batch
-        results = await asyncio.gather(*(self._submit(j) for j in jobs))
-        return list(results)
+
+        async def one(job: P.FeatureJob):
+            try:
+                self._check(job.tokens, self._job_hooks(job))  # before it joins a batch
+                return await self._submit(job)
+            except RequestError as e:
+                return P.ItemError(e.message, e.status)
+            except Exception:  # a bug: this job's 500, not its call-mates'
+                log.exception("feature job failed")
+                return P.ItemError("Internal server error", 500)
+
+        return list(await asyncio.gather(*(one(j) for j in jobs)))
 
     async def capture(self, req: P.CaptureRequest) -> dict[str, np.ndarray]:
         """Raw activations ``{hook: float32 [len, ...]}`` for one prompt (batched with everything else)."""
@@ -147,26 +157,22 @@ class ModelDeployment:
         return h
 
     async def _fan_out(self, items: list, captured: list) -> list:
+        """The batch's SAE work: one SAEShard call per replica that (last we heard) holds the SAEs, one per SAE not
+        yet placed; SAEs a replica turns out not to hold go again on their own (Serve routes those by SAE id)."""
         by_sae: dict[str, list[tuple[int, int, P.ShardItem]]] = {}
         for k, (it, (acts, _)) in enumerate(zip(items, captured)):
             if isinstance(it, P.FeatureJob):
                 for t, task in enumerate(it.tasks):
                     dfa = tuple(acts[h] for h in dfa_hooks(task.hook)) if task.dfa else None
-                    by_sae.setdefault(task.sae_id, []).append((k, t, P.ShardItem(acts[task.hook], task.op, dfa)))
-        ids = list(by_sae)
-        self._calls["shard_run"] += len(ids)
-        answers = await asyncio.gather(*(self._shard(i).run.remote(P.ShardBatch([x for *_, x in by_sae[i]])) for i in ids),
-                                       return_exceptions=True)
+                    by_sae.setdefault(task.sae_id, []).append((k, t, P.ShardItem(task.sae_id, acts[task.hook], task.op, dfa)))
         per_item = [[None] * len(it.tasks) if isinstance(it, P.FeatureJob) else None for it in items]
-        for sae_id, answer in zip(ids, answers):
-            entries = by_sae[sae_id]
-            if isinstance(answer, BaseException):
-                err = translate_remote_error(answer)
-                for k, t, _ in entries:
-                    per_item[k][t] = err
-                continue
-            for (k, t, _), r in zip(entries, answer):
-                per_item[k][t] = r.exception() if isinstance(r, P.ItemError) else r
+        groups: dict[object, list[str]] = {}
+        for sae_id in by_sae:
+            groups.setdefault(self._home.get(sae_id) or ("unplaced", sae_id), []).append(sae_id)
+        pending = list(groups.values())
+        while pending:
+            retry = await self._send(pending, by_sae, per_item)
+            pending = [[sae_id] for sae_id in retry]
         out = []
         for k, (it, (acts, proj)) in enumerate(zip(items, captured)):
             if isinstance(it, P.CaptureRequest):
@@ -182,6 +188,37 @@ class ModelDeployment:
                 res.merged, res.results = F.merge_ranked(per_item[k], it.merge, by_sum), []
             out.append(res)
         return out
+
+    async def _send(self, groups: list[list[str]], by_sae: dict, per_item: list) -> list[str]:
+        """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
+        self._calls["shard_run"] += len(groups)
+        answers = await asyncio.gather(
+            *(self._shard(g[0]).run.remote(P.ShardBatch([x for sae_id in g for *_, x in by_sae[sae_id]]))
+              for g in groups), return_exceptions=True)
+        retry: list[str] = []
+        for g, answer in zip(groups, answers):
+            entries = [e for sae_id in g for e in by_sae[sae_id]]
+            if isinstance(answer, BaseException):
+                err = translate_remote_error(answer)
+                for sae_id in g:
+                    self._home.pop(sae_id, None)
+                for k, t, _ in entries:
+                    per_item[k][t] = err
+                continue
+            moved = set()
+            for (k, t, item), r in zip(entries, answer.results):
+                if isinstance(r, P.NotHere):
+                    moved.add(item.sae_id)
+                else:
+                    per_item[k][t] = r.exception() if isinstance(r, P.ItemError) else r
+            for sae_id in g:
+                if sae_id in moved:
+                    self._home.pop(sae_id, None)
+                    if sae_id != g[0]:  # the lead is always served where it was routed
+                        retry.append(sae_id)
+                else:
+                    self._home[sae_id] = answer.replica
+        return retry
 
     def _observe_batch(self, waits_s: list[float]) -> None:
         self._metrics.batch_size.observe(len(waits_s))

@@ -193,6 +193,7 @@ class CaptureRequest:
 class ShardItem:
     """One prompt's activations at an SAE's hook and what to compute from them (``dfa_inputs``: hook_v, pattern)."""
 
+    sae_id: str
     acts: np.ndarray
     op: SaeOp
     dfa_inputs: Optional[tuple[np.ndarray, np.ndarray]] = None
@@ -200,9 +201,22 @@ class ShardItem:
 
 @dataclass
 class ShardBatch:
-    """Every item of one model batch for one SAE: one handle call, one encode."""
+    """Items of one model batch for the SAEs one SAEShard replica holds: one handle call, one encode per SAE. The
+    call is routed by the multiplexed id of one of them (the lead: loaded there if missing); the others are served
+    only if that replica holds them (else ``NotHere``, and the caller sends them on their own)."""
 
     items: list[ShardItem]
+
+
+@dataclass
+class NotHere:
+    """In place of an item whose SAE the replica does not hold (it was not the call's lead)."""
+
+
+@dataclass
+class ShardReply:
+    results: list[Any]  # per item: its answer, an ItemError, or NotHere
+    replica: str  # the replica that answered (the caller groups the SAEs it holds into one call next time)
 
 
 @dataclass

@@ -3,14 +3,16 @@
 SAEs are multiplexed by id (``serve.multiplexed``): requests for an SAE are routed to a replica that
 already holds it, a miss loads it (once, under Serve's loader lock), and each replica keeps at most
 ``max_loaded_saes`` SAEs and ``max_sae_bytes`` bytes (LRU; an SAE in use is never evicted). ``run`` takes a whole
-model batch's items for one SAE in one call (ModelDeployment sends them) and encodes them as one matmul; concurrent
-calls for one SAE share a batch too (engine.batching). An item that fails gets its own error in its place. Dense
-``[seq, d_sae]`` activations never leave the replica.
+model batch's items in one call (ModelDeployment sends them): the items of the SAE it is routed by, plus those of
+any other SAE this replica holds, so one call serves every SAE a replica holds; each SAE's items are encoded as one
+matmul. An item that fails gets its own error in its place. Dense ``[seq, d_sae]`` activations never leave the
+replica.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import logging
 import time
@@ -25,7 +27,6 @@ from deployments import protocol as P
 from deployments.checks import check_index
 from deployments.engine import features as F
 from deployments.engine import geometry as G
-from deployments.engine.batching import Batcher
 from deployments.engine.compute import ComputeThread, burst_threads_for
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import load_sae, resolve_device, sae_nbytes
@@ -81,7 +82,7 @@ def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
 )
 class SAEShard:
     def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
-                 max_sae_bytes: int | None = None, encode_batch_size: int = 16, encode_batch_wait_s: float = 0.0,
+                 max_sae_bytes: int | None = None, encode_batch_size: int = 16,
                  torch_threads: int | None = None, burst_torch_threads: int | None = None):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
         self.device = resolve_device(device)
@@ -104,8 +105,8 @@ class SAEShard:
         # lock). The budget (count and bytes) is enforced in _load, which waits for a victim to go idle.
         self._loader = load  # Serve keeps its cache (``__serve_multiplex_wrapper``) on the loader function
         self._get = serve.multiplexed(max_num_models_per_replica=-1)(load)
-        # Concurrent encodes for one SAE share a matmul; a batch forms when the compute is free (engine.batching).
-        self._batcher = Batcher(self._encode_many, encode_batch_size, encode_batch_wait_s)
+        self.encode_batch_size = encode_batch_size
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     # --- residency -----------------------------------------------------------------------------------
 
@@ -158,30 +159,33 @@ class SAEShard:
             self._metrics.resident.set(len(resident))
             self._metrics.resident_bytes.set(sum(m.nbytes for m in resident.values()))
 
-    async def _encode(self, acts: list[np.ndarray], s: LoadedSAE) -> list[torch.Tensor]:
-        """``s``'s feature activations for each array in ``acts``; concurrent calls for one SAE share one matmul."""
-        return await self._batcher.submit((acts, s), key=s.spec.id)
-
-    async def _encode_many(self, _sae_id: str, items: list[tuple[list[np.ndarray], LoadedSAE]]) -> list[list[torch.Tensor]]:
-        """One SAE's queued encodes as one matmul. The SAE comes from the callers, who hold it resident: a batch
-        never loads (a load may wait for an SAE in use to go idle, and its user may be queued behind this batch)."""
-        held = [h for _, h in items]
-        s = held[0]
-        flat = [a for acts, _ in items for a in acts]
-        self._metrics.encode_batch_size.observe(len(flat))
-
-        def run() -> list[list[torch.Tensor]]:
-            if any(h is not s for h in held):  # not expected (one id per batch, held resident); stay correct anyway
-                return [[F.encode(h.sae, a) for a in acts] for (acts, _), h in zip(items, held)]
-            feats = F.encode(s.sae, flat[0] if len(flat) == 1 else np.concatenate(flat, axis=0))
-            parts = list(torch.split(feats, [a.shape[0] for a in flat]))
-            out, k = [], 0
-            for acts, _ in items:
-                out.append(parts[k:k + len(acts)])
-                k += len(acts)
-            return out
-
-        return await self.compute.run(run, light=len(flat) == 1)
+    def _run_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem]) -> list:
+        """Every item's answer (on the compute thread): per SAE, its items' activations encoded as one matmul (in
+        chunks of ``encode_batch_size`` prompts), then each item's operation. A failing item gets an ItemError."""
+        out: list = [P.NotHere()] * len(items)
+        by_sae: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            if it.sae_id in saes:
+                by_sae.setdefault(it.sae_id, []).append(i)
+        for sae_id, idx in by_sae.items():
+            s = saes[sae_id]
+            for k in range(0, len(idx), self.encode_batch_size):
+                chunk = idx[k:k + self.encode_batch_size]
+                acts = [items[i].acts for i in chunk]
+                self._metrics.encode_batch_size.observe(len(chunk))
+                try:
+                    feats = F.encode(s.sae, acts[0] if len(acts) == 1 else np.concatenate(acts, axis=0))
+                    parts = torch.split(feats, [a.shape[0] for a in acts]) if len(acts) > 1 else (feats,)
+                except RequestError as e:
+                    for i in chunk:
+                        out[i] = P.ItemError(e.message, e.status)
+                    continue
+                for i, f in zip(chunk, parts):
+                    try:
+                        out[i] = self._apply(s, items[i], f)
+                    except RequestError as e:
+                        out[i] = P.ItemError(e.message, e.status)
+        return out
 
     @staticmethod
     def _apply(s: LoadedSAE, item: P.ShardItem, feats: torch.Tensor):
@@ -209,23 +213,24 @@ class SAEShard:
             return F.active_entries(feats, op.skip_positions)
         raise RequestError(f"Unknown SAE operation {type(op).__name__}")
 
-    async def run(self, batch: P.ShardBatch) -> list:
-        """Every item of a batch on this replica's SAE (the multiplexed id): one encode, then each item's operation.
-        An item that fails gets an ``ItemError`` in its place; the others still get their answers."""
+    async def run(self, batch: P.ShardBatch) -> P.ShardReply:
+        """Items for the call's SAE (the multiplexed id: loaded here if missing) and for any other SAE this replica
+        already holds, in one compute task; items for SAEs it does not hold come back as ``NotHere``."""
         self._calls["run"] += 1
-        async with self._use() as s:
-            feats = await self._encode([it.acts for it in batch.items], s)
-
-            def apply_all() -> list:
-                out = []
-                for item, f in zip(batch.items, feats):
-                    try:
-                        out.append(self._apply(s, item, f))
-                    except RequestError as e:
-                        out.append(P.ItemError(e.message, e.status))
-                return out
-
-            return await self.compute.run(apply_all, light=len(batch.items) == 1)
+        async with self._use() as lead:
+            resident = self._resident()
+            saes = {lead.spec.id: lead}
+            with contextlib.ExitStack() as held:
+                for sae_id in dict.fromkeys(it.sae_id for it in batch.items):
+                    m = resident.get(sae_id) if sae_id not in saes else None
+                    if m is not None:  # no await since the lookup: it cannot be evicted before it is held
+                        held.enter_context(m.held())
+                        resident.move_to_end(sae_id)  # a use, for the LRU order, as a lookup by id would count it
+                        saes[sae_id] = m
+                        self.stats["requests"] += 1
+                        self._metrics.hits.inc()
+                results = await self.compute.run(self._run_items, saes, batch.items, light=len(batch.items) == 1)
+        return P.ShardReply(results, self.replica_id)
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""
@@ -252,7 +257,7 @@ class SAEShard:
     async def metrics(self) -> dict:
         """This replica's SAE cache: resident ids and bytes, loads, hits, evictions."""
         resident = self._resident()
-        return {**self.stats, "calls": dict(self._calls), "compute": dict(self.compute.stats), "replica": serve.get_replica_context().replica_id.unique_id,
+        return {**self.stats, "calls": dict(self._calls), "compute": dict(self.compute.stats), "replica": self.replica_id,
                 "hits": self.stats["requests"] - self.stats["loads"], "resident": list(resident),
                 "resident_bytes": sum(m.nbytes for m in resident.values())}
 

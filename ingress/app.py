@@ -18,7 +18,7 @@ import logging
 from typing import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
@@ -27,7 +27,7 @@ from deployments.specs import SAESpec
 
 from . import schemas as S
 from .args import AppArgs, resolve_model_path
-from .auth import install_auth
+from .auth import AuthMiddleware
 from .backend import Backend
 from .endpoints import ENDPOINTS, Endpoint, route_paths
 from .errors import ERROR_RESPONSES, install_error_handlers
@@ -45,7 +45,7 @@ app = FastAPI(
     version="0.1.0",
 )
 install_error_handlers(app)
-install_auth(app)
+app.add_middleware(AuthMiddleware)
 app.add_middleware(LimitsMiddleware)  # outermost: size and time limits wrap everything, auth included
 
 
@@ -77,7 +77,10 @@ class SAEServeIngress:
             area = getattr(self.handlers, ep.handler.split(".")[0])
             events = await area.stream(req)  # every 4xx is raised here, before the first byte
             return StreamingResponse(_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._call(ep, req)
+        reply = await self._call(ep, req)
+        # Serialised here, once: FastAPI would validate the reply against its model again first (the handlers built
+        # it from that model), and its JSON encoder turns a NaN into a 500 where pydantic writes null.
+        return Response(reply.model_dump_json(by_alias=True, exclude_none=ep.exclude_none), media_type="application/json")
 
 
 async def _sse(events: AsyncIterator) -> AsyncIterator[str]:
@@ -156,10 +159,16 @@ def build_app(args: AppArgs) -> Application:
         raise ValueError(f"deployment_options names unknown deployments {sorted(unknown)}")
 
     def deployment(d):
-        return d.options(**opts[d.name]) if d.name in opts else d
+        d = d.options(**opts[d.name]) if d.name in opts else d
+        if not args.replica_env:
+            return d
+        actor = dict(d.ray_actor_options or {})
+        runtime_env = dict(actor.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**args.replica_env, **(runtime_env.get("env_vars") or {})}
+        return d.options(ray_actor_options={**actor, "runtime_env": runtime_env})
 
     shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
-                                      args.max_sae_bytes, args.encode_batch_size, args.encode_batch_wait_s,
+                                      args.max_sae_bytes, args.encode_batch_size,
                                       torch_threads=args.torch_threads, burst_torch_threads=args.burst_torch_threads)
     model = deployment(ModelDeployment).bind(model_path, args.device, args.model_dtype, args.override_model_id,
                                              args.capture_batch_size, args.capture_batch_wait_s,

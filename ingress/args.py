@@ -40,13 +40,16 @@ class AppArgs(BaseModel):
     max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token top_k")
     max_loaded_saes: int = Field(64, ge=1, description="Most SAEs resident in one SAEShard replica (LRU)")
     secret: Optional[str] = Field(None, description="If set (or env SECRET), requests need X-SECRET-KEY", repr=False)
+    model_calls_in_flight: int = Field(2, ge=1, description="Most ModelDeployment calls one ingress replica has out at a time: "
+                                       "requests that arrive meanwhile share the next call (a lone request goes at once)")
     capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
-    capture_batch_wait_s: float = Field(0.005, ge=0, description="How long a forward pass waits to fill its batch")
+    capture_batch_wait_s: float = Field(0.0, ge=0, description="How long a forward pass waits for company when the model "
+                                        "is idle (batches form anyway from what queues while the model is busy)")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
     max_sae_bytes: Optional[int] = Field(None, ge=1, description="Most bytes of SAE weights in one SAEShard replica (LRU); None = no byte cap")
-    encode_batch_size: int = Field(16, ge=1, description="Most concurrent encodes for one SAE run as one batch")
-    encode_batch_wait_s: float = Field(0.002, ge=0, description="How long an SAE encode waits to fill its batch")
+    encode_batch_size: int = Field(16, ge=1, description="Most prompts one SAE encodes in one matmul (a model batch's prompts "
+                                   "for an SAE are encoded together, in chunks of this many)")
     generate_batch_rows: int = Field(16, ge=2, description="Rows (a steering request's STEERED and DEFAULT are two) decoded together in one generation wave")
     generate_batch_wait_s: float = Field(
         0.05, ge=0, description="How long a generation wave waits to collect requests; a wave runs to its end, so a "
@@ -57,6 +60,12 @@ class AppArgs(BaseModel):
     burst_torch_threads: Optional[int] = Field(
         None, ge=0, description="CPU only: torch threads for a lone request's work while no other replica on the "
         "machine computes (idle cores otherwise); None = every CPU the replica may use, 0 = off")
+    replica_env: dict[str, str] = Field(
+        default_factory=lambda: {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        description="Environment variables for every replica of the app (merged into each deployment's "
+        "ray_actor_options.runtime_env). The default turns on Serve's throughput-optimised mode in the replicas only: "
+        "set in a driver process it would break that process's synchronous DeploymentHandle .result() calls",
+    )
     deployment_options: dict[str, dict] = Field(
         default_factory=dict,
         description="Per-deployment Serve options applied in Python (e.g. {'SAEShard': {'num_replicas': 2}}); "

@@ -43,6 +43,7 @@ class Backend:
         self._ready_lock = asyncio.Lock()
         # Tokenizing is CPU work proportional to the input: it runs here, never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingress-cpu")
+        self._features = CallBatcher(self._send_features, max_in_flight=args.model_calls_in_flight)
 
     # --- readiness ---------------------------------------------------------------------------------------
 
@@ -91,8 +92,76 @@ class Backend:
             raise err from None
 
     async def features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult]:
-        """One ModelDeployment call for all of a request's prompts (which fans out to the SAEShards itself)."""
+        """A request's feature jobs, answered by ModelDeployment (which fans out to the SAEShards itself). Concurrent
+        requests share calls (``CallBatcher``); a job's failure raises for its own request only."""
+        results = await self._features.submit(jobs)
+        for r in results:
+            if isinstance(r, P.ItemError):
+                raise r.exception()
+        return results
+
+    async def _send_features(self, jobs: list[P.FeatureJob]) -> list:
         return await self.call(self.model.features.remote(jobs))
 
     async def off_loop(self, fn: Callable[..., R], *args) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+
+class CallBatcher:
+    """Concurrent requests share handle calls: at most ``max_in_flight`` calls are out at a time; whatever queues
+    meanwhile goes out together in the next one (at most ``max_items`` items). A lone request goes at once.
+
+    ``send(items) -> results`` (one per item). A call that fails fails the requests in it (a replica that died, a
+    full queue); the items' own errors come back as values, so one request never fails its call-mates.
+    """
+
+    def __init__(self, send: Callable[[list], Awaitable[list]], max_in_flight: int = 2, max_items: int = 64):
+        self.send = send
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_items = max(1, max_items)
+        self._queue: list[tuple[list, asyncio.Future]] = []
+        self._in_flight = 0
+        self.stats = {"calls": 0, "items": 0}
+
+    async def submit(self, items: list) -> list:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((items, fut))
+        self._dispatch()
+        return await fut
+
+    def _dispatch(self) -> None:
+        while self._in_flight < self.max_in_flight and self._queue:
+            batch, n = [], 0
+            while self._queue and (not batch or n + len(self._queue[0][0]) <= self.max_items):
+                items, fut = self._queue.pop(0)
+                if fut.done():  # its caller went away
+                    continue
+                batch.append((items, fut))
+                n += len(items)
+            if not batch:
+                return
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[list, asyncio.Future]]) -> None:
+        try:
+            flat = [x for items, _ in batch for x in items]
+            self.stats["calls"] += 1
+            self.stats["items"] += len(flat)
+            try:
+                results = await self.send(flat)
+            except BaseException as e:  # noqa: BLE001 - every caller hears it; the batcher keeps going
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                return
+            k = 0
+            for items, fut in batch:
+                if not fut.done():
+                    fut.set_result(results[k:k + len(items)])
+                k += len(items)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()

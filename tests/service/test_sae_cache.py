@@ -73,15 +73,15 @@ def deploy_shard(name: str, specs, *, replicas: int = 1, max_loaded_saes: int = 
     return serve.run(app, name=name, route_prefix=None)
 
 
-def batch(acts: np.ndarray, k: int):
-    """A one-item SAEShard batch ranking ``acts``' top ``k`` features (what ModelDeployment sends per SAE)."""
+def batch(sae_id: str, acts: np.ndarray, k: int):
+    """A one-item SAEShard batch ranking ``acts``' top ``k`` features on ``sae_id`` (what ModelDeployment sends)."""
     from deployments import protocol as P
 
-    return P.ShardBatch([P.ShardItem(acts, P.RankOp(k))])
+    return P.ShardBatch([P.ShardItem(sae_id, acts, P.RankOp(k))])
 
 
 def rank(h, sae_id: str, acts: np.ndarray, k: int = 8):
-    (rows,) = h.options(multiplexed_model_id=sae_id).run.remote(batch(acts, k)).result(timeout_s=TIMEOUT_S)
+    (rows,) = h.options(multiplexed_model_id=sae_id).run.remote(batch(sae_id, acts, k)).result(timeout_s=TIMEOUT_S).results
     return [(r.index, r.max_value, r.max_value_index) for r in rows]
 
 
@@ -158,8 +158,8 @@ def test_byte_budget_and_concurrent_miss_loads_once(specs, direct):
         before = h.metrics.remote().result(timeout_s=TIMEOUT_S)
         inputs = [acts_for(100 + i, seq=3 + i % 5) for i in range(16)]
         sh = h.options(multiplexed_model_id=ids[3])
-        responses = [sh.run.remote(batch(a, 8)) for a in inputs]
-        results = [[(r.index, r.max_value, r.max_value_index) for r in resp.result(timeout_s=TIMEOUT_S)[0]]
+        responses = [sh.run.remote(batch(ids[3], a, 8)) for a in inputs]
+        results = [[(r.index, r.max_value, r.max_value_index) for r in resp.result(timeout_s=TIMEOUT_S).results[0]]
                    for resp in responses]
         for a, got in zip(inputs, results):
             assert same(got, direct(ids[3], a, 8))
@@ -180,9 +180,9 @@ def test_mixed_concurrent_churn_stays_correct(specs, direct):
         jobs = [(ids[i % 4], acts_for(200 + i, seq=2 + i % 7)) for i in range(48)]
         for start in range(0, len(jobs), 16):  # waves of 16 concurrent requests
             wave = jobs[start:start + 16]
-            responses = [h.options(multiplexed_model_id=i).run.remote(batch(a, 8)) for i, a in wave]
+            responses = [h.options(multiplexed_model_id=i).run.remote(batch(i, a, 8)) for i, a in wave]
             for (sae_id, a), resp in zip(wave, responses):
-                got = [(r.index, r.max_value, r.max_value_index) for r in resp.result(timeout_s=TIMEOUT_S)[0]]
+                got = [(r.index, r.max_value, r.max_value_index) for r in resp.result(timeout_s=TIMEOUT_S).results[0]]
                 assert same(got, direct(sae_id, a, 8)), sae_id
         m = h.metrics.remote().result(timeout_s=TIMEOUT_S)
         assert len(m["resident"]) <= 2 and m["requests"] == 48
