@@ -17,6 +17,7 @@ from ray import serve
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import CaptureRequest, ModelRunner
 from deployments.engine.compute import ComputeThread, burst_threads_for
+from deployments.engine.devices import check_device
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.loading import load_model, resolve_device
 
@@ -117,7 +118,4 @@ class ModelDeployment:
         """Fails when the model is gone or its device is unusable, so Serve replaces this replica."""
         if self.runner is None or self.runner.model is None:
             raise RuntimeError("model is not loaded")
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()  # a poisoned CUDA context (device-side assert) raises here
+        check_device(self.device)  # this replica's device, not device 0: a poisoned CUDA context raises here

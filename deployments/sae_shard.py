@@ -22,8 +22,9 @@ from deployments.engine import features as F
 from deployments.engine import geometry as G
 from deployments.engine.batching import Batcher
 from deployments.engine.compute import ComputeThread, burst_threads_for
+from deployments.engine.devices import check_device, same_device
 from deployments.engine.errors import RequestError
-from deployments.engine.loading import SAESpec, load_sae, resolve_device, sae_nbytes
+from deployments.engine.loading import SAESpec, load_sae, parse_dtype, resolve_device, sae_nbytes
 from deployments.engine.residency import Resident, evict_until
 
 log = logging.getLogger("saeserve.sae_shard")
@@ -45,13 +46,19 @@ class ShardMetrics:
 
 
 class LoadedSAE(Resident):
-    """An SAE resident in this replica, with a count of operations using it (never evicted while > 0)."""
+    """An SAE resident in this replica, with a count of operations using it (never evicted while > 0).
+
+    ``nbytes`` is everything the SAE may hold on its device: its weights, plus the cosine index
+    (engine.geometry.DecoderIndex: row norms, and a float32 copy of a half-precision decoder). The index is built
+    on the first cosine query, but counted from the load: building it must never push the replica past
+    ``max_sae_bytes``, and nothing can be evicted from inside a query that already holds its SAE.
+    """
 
     def __init__(self, spec: SAESpec, sae):
         super().__init__()
         self.spec = spec
         self.sae = sae
-        self.nbytes = sae_nbytes(sae)
+        self.nbytes = sae_nbytes(sae) + G.DecoderIndex.nbytes_for(*sae.W_dec.shape, sae.W_dec.dtype)
         self._decoder_index: G.DecoderIndex | None = None
 
     @property
@@ -62,8 +69,12 @@ class LoadedSAE(Resident):
 
 
 def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
-    per = 2 if dtype in ("float16", "bfloat16") else 4
-    return (2 * spec.d_in * spec.d_sae + spec.d_sae + spec.d_in) * per
+    """``LoadedSAE.nbytes`` of this SAE before it is loaded (a standard SAE's parameters: W_enc, W_dec, b_enc,
+    b_dec; other architectures differ by a few ``d_sae`` vectors), to make room for it first."""
+    torch_dtype = parse_dtype(dtype)
+    per = torch.empty((), dtype=torch_dtype).element_size()
+    weights = (2 * spec.d_in * spec.d_sae + spec.d_sae + spec.d_in) * per
+    return weights + G.DecoderIndex.nbytes_for(spec.d_sae, spec.d_in, torch_dtype)
 
 
 @serve.deployment(
@@ -244,8 +255,7 @@ class SAEShard:
         """Fails when this replica cannot serve (no SAEs, or an unusable device), so Serve replaces it."""
         if not self.specs:
             raise RuntimeError("no SAEs configured")
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        check_device(self.device)  # this replica's device, not device 0
         for sae_id, loaded in self._resident().items():
-            if loaded.sae.W_enc.device.type != torch.device(self.device).type:
+            if not same_device(loaded.sae.W_enc.device, self.device):
                 raise RuntimeError(f"SAE {sae_id} is on {loaded.sae.W_enc.device}, expected {self.device}")

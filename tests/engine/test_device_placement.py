@@ -122,9 +122,8 @@ def pack_sae(pack_dir):
 
 
 def _sae_on_other(spec, dev, dtype="float32"):
-    sae = load_sae(spec, "cpu", dtype)
-    to_other(sae)
-    sae.device, sae.cfg.device = dev, str(dev)  # what SAE Lens's .to(device) sets
+    sae = load_sae(spec, str(dev), dtype)  # the loader's own move to the device
+    assert is_other(sae.W_enc) and is_other(sae.W_dec) and sae.W_enc.dtype == getattr(torch, dtype)
     return sae
 
 
@@ -192,9 +191,8 @@ def test_capture_on_device(pack_dir):
             CaptureRequest([1, 4, 4], [specs[0].hook_name])]  # a shallow group of its own (stop_at_layer=1)
     want = ModelRunner(load_model(str(pack_dir))).capture(reqs)
     with OffDevice() as dev:
-        model = load_model(str(pack_dir))
-        to_other(model)
-        model.cfg.device = dev  # what load_model(device=...) sets; TransformerLens moves inputs there
+        model = load_model(str(pack_dir), str(dev))
+        assert is_other(model.W_E) and is_other(model.blocks[0].attn.W_Q)
         runner = ModelRunner(model, str(dev))
         got = runner.capture(reqs)
     for g, w in zip(got, want):

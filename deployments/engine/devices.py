@@ -1,0 +1,47 @@
+"""Which device a replica computes on, and whether that device still works (the replicas' health checks)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def torch_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index filled in: ``"cuda"`` is the current CUDA device (the one Ray made visible as
+    device 0), so ``"cuda"`` and ``"cuda:0"`` compare equal there."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    da, db = torch.device(a), torch.device(b)
+    if da.type != db.type:
+        return False
+    if da.type != "cuda":
+        return da.index == db.index or None in (da.index, db.index)
+    return torch_device(da) == torch_device(db)
+
+
+_probe_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def check_device(device: str) -> None:
+    """Raises unless ``device`` can still run work. On CUDA: a tiny kernel on that device (not device 0), on a
+    stream of its own, read back on that stream. A poisoned context (a device-side assert, an illegal
+    access) is sticky, so it raises here as a RuntimeError; the side stream keeps the check from waiting for
+    the compute thread's queued kernels (a whole forward pass), as a device-wide synchronize would. Nothing to
+    check on the CPU."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return
+    d = torch_device(d)
+    stream = _probe_streams.get(d)
+    if stream is None:
+        stream = _probe_streams[d] = torch.cuda.Stream(device=d)
+    with torch.cuda.stream(stream):
+        probe = torch.ones(1, device=d)
+        probe.add_(1)
+        value = float(probe.item())  # copies and waits on this stream only (PyTorch's streams are non-blocking)
+    if value != 2.0:
+        raise RuntimeError(f"{d} computed 1 + 1 = {value}")
