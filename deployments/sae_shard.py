@@ -22,7 +22,7 @@ from deployments.engine import features as F
 from deployments.engine import geometry as G
 from deployments.engine.batching import Batcher
 from deployments.engine.compute import ComputeThread, burst_threads_for
-from deployments.engine.devices import check_device, same_device
+from deployments.engine.devices import check_device, same_device, sae_budget_bytes
 from deployments.engine.errors import RequestError
 from deployments.engine.loading import SAESpec, load_sae, parse_dtype, resolve_device, sae_nbytes
 from deployments.engine.residency import Resident, evict_until
@@ -68,6 +68,16 @@ class LoadedSAE(Resident):
         return self._decoder_index
 
 
+def _gpu_share() -> float | None:
+    """The GPUs Ray assigned this replica (a fraction when it shares a card), or None outside a Ray actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except Exception:  # noqa: BLE001 - not in a Ray worker (tests, scripts): no share to go by
+        return None
+
+
 def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
     """``LoadedSAE.nbytes`` of this SAE before it is loaded (a standard SAE's parameters: W_enc, W_dec, b_enc,
     b_dec; other architectures differ by a few ``d_sae`` vectors), to make room for it first."""
@@ -94,7 +104,12 @@ class SAEShard:
         self.compute = ComputeThread("sae-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.dtype = dtype
         self.max_loaded_saes = max_loaded_saes
+        # on a GPU with no cap given, the replica's share of the card bounds what its SAEs may hold
+        if max_sae_bytes is None and self.device.startswith("cuda"):
+            max_sae_bytes = sae_budget_bytes(self.device, _gpu_share())
         self.max_sae_bytes = max_sae_bytes
+        if self.max_sae_bytes is not None:
+            log.info("SAE budget of this replica: %.2f GB (weights and cosine indexes)", self.max_sae_bytes / 1e9)
         self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0}
         self._metrics = ShardMetrics()
         # SAE Lens (and TransformerLens under it) is imported by the first load; import it now, while the replica

@@ -18,6 +18,7 @@ from deployments.engine.loading import SAESpec, resolve_sae_specs
 from deployments.model import ModelDeployment
 from deployments.sae_shard import SAEShard
 
+from . import resources
 from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import install_auth
@@ -125,15 +126,20 @@ def build_app(args: AppArgs) -> Application:
     if unknown:
         raise ValueError(f"deployment_options names unknown deployments {sorted(unknown)}")
 
-    def deployment(d):
-        return d.options(**opts[d.name]) if d.name in opts else d
+    gpus = resources.plan_for_args(args)  # the device and GPU requests of the computing replicas
 
-    model = deployment(ModelDeployment).bind(model_path, args.device, args.model_dtype, args.override_model_id,
+    def deployment(d):
+        given = dict(opts.get(d.name, {}))
+        actor = gpus.actor_options(d.name, d.ray_actor_options)
+        given["ray_actor_options"] = {**actor, **given.get("ray_actor_options", {})}
+        return d.options(**given)
+
+    model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model_dtype, args.override_model_id,
                                              args.capture_batch_size, args.capture_batch_wait_s,
                                              generate_batch_rows=args.generate_batch_rows,
                                              generate_batch_wait_s=args.generate_batch_wait_s, torch_threads=args.torch_threads,
                                              burst_torch_threads=args.burst_torch_threads)
-    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
+    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], gpus.device, args.sae_dtype, args.max_loaded_saes,
                                       args.max_sae_bytes, args.encode_batch_size, args.encode_batch_wait_s,
                                       torch_threads=args.torch_threads, burst_torch_threads=args.burst_torch_threads)
     return deployment(SAEServeIngress).bind(args.model_dump(), [s.to_dict() for s in specs], model, shard)

@@ -45,3 +45,19 @@ def check_device(device: str) -> None:
         value = float(probe.item())  # copies and waits on this stream only (PyTorch's streams are non-blocking)
     if value != 2.0:
         raise RuntimeError(f"{d} computed 1 + 1 = {value}")
+
+
+# What of a replica's share of a card its SAEs may take; the rest is for encodes' activations (a [tokens, d_sae]
+# float32 tensor per batch), the CUDA context and the caching allocator's slack.
+SAE_SHARE_OF_GPU_SHARE = 0.8
+
+
+def sae_budget_bytes(device: str, gpu_share: float | None) -> int | None:
+    """The default ``max_sae_bytes`` of an SAE replica: on a GPU, ``SAE_SHARE_OF_GPU_SHARE`` of its share of the
+    card's memory (Ray's fraction of the card is an accounting unit, and this makes it a memory one too);
+    None (no cap) on the CPU or when the share is unknown."""
+    d = torch.device(device)
+    if d.type != "cuda" or not gpu_share:
+        return None
+    total = torch.cuda.get_device_properties(torch_device(d)).total_memory
+    return int(total * min(gpu_share, 1.0) * SAE_SHARE_OF_GPU_SHARE)
