@@ -693,6 +693,30 @@ def test_pods_secret_probes_image(name, doc):
         assert gpu_groups, "GPU manifest without nvidia.com/gpu limits"
 
 
+def test_gpu_dockerfile_asserts_a_cuda_torch():
+    """The GPU image's build fails on a CPU-only torch: its check, run here with this machine's torch."""
+    import subprocess
+    import sys
+
+    import torch
+
+    text = (CLUSTER / "Dockerfile.gpu").read_text()
+    runs = [line for line in text.splitlines() if line.startswith("RUN python -c") and "torch.version.cuda" in line]
+    assert len(runs) == 1, "Dockerfile.gpu: one RUN python -c line that asserts torch.version.cuda"
+    code = shlex.split(runs[0][len("RUN "):])[2]
+
+    def check(want: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code.replace("${TORCH_CUDA}", want)], capture_output=True, text=True)
+
+    if torch.version.cuda is None:  # this machine: the build would stop here, with a message
+        r = check("")
+        assert r.returncode != 0 and "not a CUDA build" in r.stderr, r.stderr
+    else:
+        assert check("").returncode == 0
+        r = check("0.0")
+        assert r.returncode != 0 and "not 0.0" in r.stderr, r.stderr
+
+
 def test_dockerfiles_match_ray_version():
     for flavour in ("cpu", "gpu"):
         text = (CLUSTER / f"Dockerfile.{flavour}").read_text()
