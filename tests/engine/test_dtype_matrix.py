@@ -5,17 +5,12 @@ Stages are checked one at a time, each with its own error bound, because the ser
 model (``model_dtype``) hands float32 activations to the SAE shard (``sae_dtype``). So the model rows compare
 captures; the SAE rows feed the float32 reference activations to an SAE held in the dtype.
 
-Notation: ``eps`` is ``torch.finfo(dtype).eps`` (2**-23 float32, 2**-7 bfloat16, 2**-10 float16) and ``u = eps/2``
-the unit roundoff (the largest relative error of one rounding). ``U32 = 2**-24`` is float32's: products of half
-precision inputs accumulate in float32 on the CPU (and on CUDA), so a length-``n`` dot product adds at most
-``n * U32`` relative to the sum of its terms' magnitudes. Where an answer is a selection (top-k, ranking), values
-may be within tolerance of each other and swap; the checks then accept any selection that is right up to the
-tolerance, and demand exactness only where there is nothing to round (all-zero one-token prompts).
+The bounds and their derivations are in tests/engine/tolerances.py. Selections (top-k, ranking) are accepted when
+right up to the tolerance; exactness is demanded only where there is nothing to round (all-zero one-token
+prompts) and where the answer is a stored weight (sae-vector).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -27,25 +22,17 @@ from deployments.engine import tokens as T
 from deployments.engine.capture import CaptureRequest, ModelRunner
 from deployments.engine.loading import load_model, load_sae, parse_dtype, resolve_sae_specs, sae_spec_from_dir
 from tests import reference as R
+from tests.engine.tolerances import (SECOND_ORDER, U32, capture_tolerance, check_selection, encode_tolerance, eps,
+                                     unit_roundoff)
 from tests.packs import write_hook_z_sae
 
 DTYPES = ["float32", "bfloat16", "float16"]
-U32 = 2.0**-24
-SECOND_ORDER = 1.01  # the bounds below are first order in u; u**2 terms are < 1% of them for u <= 2**-8
 
 PROMPTS = {
     "short": "The cat sat on the mat.",
     "one-token": "",  # BOS alone
     "long": "one two three four five six seven eight nine ten, red blue green, the dog sees the bird. " * 4,
 }
-
-
-def eps(dtype: str) -> float:
-    return torch.finfo(parse_dtype(dtype)).eps
-
-
-def unit_roundoff(dtype: str) -> float:
-    return eps(dtype) / 2
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
@@ -109,28 +96,6 @@ def saes(specs, dtype):
 # --- capture --------------------------------------------------------------------------------------------
 
 
-def _blocks_before(hook: str) -> int:
-    """How many transformer blocks a hook's value has passed through (hooks inside block L count L + 1)."""
-    if not hook.startswith("blocks."):
-        return 0
-    layer = int(hook.split(".")[1])
-    return layer if hook.endswith("hook_resid_pre") else layer + 1
-
-
-def capture_tolerance(hook: str, dtype: str) -> float:
-    """Relative to the position's largest |activation| (to 1 for attention probabilities).
-
-    The weights are rounded once (u) and each block rounds its ~8 sequential results (layer norm, attention,
-    softmax, MLP, the residual adds) once each; LayerNorm rescales, so errors do not shrink with depth. Measured
-    here: 0.3 eps at the embedding, 1-3 eps after 1-4 blocks. Allowed: 2 eps for the input plus 2 eps per
-    block. The float32 model differs from the reference only in the order of its float32 sums (another batch
-    shape), a random walk of ~sqrt(n) roundings for a length-n reduction, n <= d_mlp: that term is sqrt(n) eps32
-    in the same units."""
-    n = 512  # the demo model's widest reduction (d_mlp)
-    per_stage = eps(dtype) + math.sqrt(n) * 2 * U32
-    return (2 + 2 * _blocks_before(hook)) * per_stage
-
-
 CAPTURE_HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_v", "blocks.1.attn.hook_pattern",
                  "blocks.1.attn.hook_z", "blocks.3.hook_resid_pre", "blocks.3.hook_resid_post"]
 
@@ -155,20 +120,6 @@ def test_capture(pack_dir, dtype, token_ids, ref_cache):
 
 
 # --- encode ---------------------------------------------------------------------------------------------
-
-
-def encode_tolerance(ref_sae, x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Elementwise bound on |encode in dtype - float32 SAE Lens encode| for input ``x`` [seq, d_in].
-
-    ``pre = (x - b_dec?) @ W_enc + b_enc`` then ReLU (1-Lipschitz). In the dtype: x is rounded (u |x|), the
-    subtraction rounded (u), W_enc rounded once by the cast (u |W|; load_sae folds in float32 first), the matmul
-    output rounded (u) after a float32 accumulation (n U32), b_enc rounded (u) and the add rounded (u). With
-    S = |x - b_dec?| @ |W_enc| >= |x @ W_enc|: |error| <= (4u + n U32) S + 2u |b_enc|."""
-    u = unit_roundoff(dtype)
-    sae_in = x - ref_sae.b_dec.detach() * float(ref_sae.cfg.apply_b_dec_to_input)
-    W = ref_sae.W_enc.detach()
-    S = sae_in.abs() @ W.abs()
-    return SECOND_ORDER * ((4 * u + W.shape[0] * U32) * S + 2 * u * ref_sae.b_enc.detach().abs())
 
 
 def _acts(spec, ref_cache, prompt):
@@ -198,25 +149,6 @@ def test_encode(encoded, dtype):
 
 
 # --- ranking (activation/all), top-k by token, source --------------------------------------------------
-
-
-def check_selection(chosen: list[int], got_scores: list[float], ref_scores: torch.Tensor, tol: torch.Tensor,
-                    candidates: list[int], what: str) -> None:
-    """``chosen`` (best first, scores ``got_scores``) is a top-len(chosen) of ``candidates`` by ``ref_scores``,
-    up to each score's tolerance: none left out is better by more than both tolerances, each score is within
-    its tolerance, and the order is by the computed scores, index order among equal ones (a stable sort)."""
-    assert len(chosen) == len(set(chosen)) and set(chosen) <= set(candidates), what
-    for f, s in zip(chosen, got_scores):
-        assert abs(s - float(ref_scores[f])) <= float(tol[f]), f"{what}: feature {f} score {s} vs {float(ref_scores[f])}"
-    pairs = list(zip(got_scores, chosen))
-    assert pairs == sorted(pairs, key=lambda p: (-p[0], p[1])), f"{what}: not in (score desc, index) order"
-    left_out = torch.zeros(ref_scores.shape[0], dtype=torch.bool)
-    left_out[candidates] = True
-    left_out[chosen] = False
-    if chosen and left_out.any():
-        worst_in = min(float(ref_scores[f] + tol[f]) for f in chosen)
-        best_out = float((ref_scores - tol)[left_out].max())
-        assert worst_in >= best_out, f"{what}: left out a feature better by more than the tolerance"
 
 
 def test_check_selection_can_fail():
