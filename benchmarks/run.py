@@ -75,10 +75,10 @@ def loadavg() -> list[float]:
 
 
 def run_baseline(pack: Path, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]], n: int,
-                 max_seconds: float, device: str, steer_n: int) -> dict[str, CellResult]:
+                 max_seconds: float, device: str, steer_n: int, dtype: str = "float32") -> dict[str, CellResult]:
     from .baseline import Baseline
 
-    b = Baseline(pack, shape, device)
+    b = Baseline(pack, shape, device, dtype)
     out = {}
     for w in workloads:
         def call(i: int, w=w) -> int:
@@ -308,6 +308,8 @@ def main(argv=None) -> dict:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated workloads of {list(WORKLOADS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (model and SAEs, baseline and service alike)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model and SAE dtype, baseline and service alike (default: the shape's)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<shape>-<device>.json)")
     p.add_argument("--max-seconds", type=float, default=90, help="stop dispatching a cell's requests after this")
     p.add_argument("--app-arg", action="append", default=[], metavar="KEY=JSON", help="AppArgs override (repeatable)")
@@ -321,6 +323,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
 
     shape = SHAPES[a.shape]
+    dtype = a.dtype or shape.dtype
     concurrency = [int(c) for c in a.concurrency.split(",") if c]
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = set(names) - set(WORKLOADS)
@@ -339,6 +342,7 @@ def main(argv=None) -> dict:
     result = {"shape": shape.name, "pack": str(pack), "started": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(a.device), "loadavg_start": loadavg(),
               "settings": {"requests": a.requests, "steer_requests": a.steer_requests, "concurrency": concurrency,
+                           "dtype": dtype,
                            "workloads": names, "max_seconds": a.max_seconds,
                            "prompt_tokens": [min(n for _, n in prompts), max(n for _, n in prompts)]},
               "baseline": {}, "service": []}
@@ -349,13 +353,14 @@ def main(argv=None) -> dict:
         workloads = [w for w in workloads if w.kind != "steer"]
     if not a.skip_baseline:
         print("# baseline: TransformerLens + SAE Lens, in-process, one request at a time", flush=True)
-        base_cells = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests)
+        base_cells = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests,
+                                  dtype)
         result["baseline"] = {k: v.summary() for k, v in base_cells.items()}
     if not a.skip_service:
         from . import service
 
-        app_args = app_args_for(pack, shape, a.device, parse_kv(a.app_arg), json.loads(a.deployment_options),
-                                a.torch_threads)
+        app_args = app_args_for(pack, shape, a.device, {"model_dtype": dtype, "sae_dtype": dtype, **parse_kv(a.app_arg)},
+                                json.loads(a.deployment_options), a.torch_threads)
         result["settings"]["app_args"] = {k: v for k, v in app_args.items() if k != "model"}
         print(f"# starting the service ({shape.name}, {a.device})", flush=True)
         base = service.start(app_args)
