@@ -174,7 +174,8 @@ def capture_delta(before: dict | None, after: dict | None) -> dict | None:
 
 async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
                             n: int, concurrency: list[int], max_seconds: float, steer_n: int,
-                            profile: tuple[str, int] | None, profile_dir: Path | None) -> list[CellResult]:
+                            profile: tuple[str, int] | None, profile_dir: Path | None,
+                            on_cell=lambda cells: None) -> list[CellResult]:
     import httpx
 
     out = []
@@ -205,6 +206,7 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                         prof.stop()
                 r.model = capture_delta(before[0] if before else None, capture_stats())
                 out.append(r)
+                on_cell(out)
                 m = r.model
                 print(f"  service  {w.name:7s} c={c:<3d} n={r.requests:3d} err={r.errors} p50 {r.pct(.5):8.1f} ms  "
                       f"p95 {r.pct(.95):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s"
@@ -300,6 +302,14 @@ def parse_kv(items: list[str]) -> dict:
     return out
 
 
+def save(out: Path, result: dict) -> None:
+    """Write the result (``complete`` only once the run ended), atomically: a reader never sees half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"complete": False, **result}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
@@ -356,6 +366,7 @@ def main(argv=None) -> dict:
         base_cells = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests,
                                   dtype)
         result["baseline"] = {k: v.summary() for k, v in base_cells.items()}
+        save(out, result)  # so far: a run stopped by a timeout keeps what it measured
     if not a.skip_service:
         from . import service
 
@@ -370,8 +381,13 @@ def main(argv=None) -> dict:
             w, _, c = a.profile.partition(":")
             profile = (w, int(c or 1))
         try:
+            def partial(cells):
+                save(out, {**result, "service": ratios(result["baseline"], [c.summary() for c in cells])
+                           if result["baseline"] else [c.summary() for c in cells]})
+
             cells = asyncio.run(run_service_cells(base, shape, workloads, prompts, a.requests, concurrency,
-                                                  a.max_seconds, a.steer_requests, profile, Path(a.profile_dir)))
+                                                  a.max_seconds, a.steer_requests, profile, Path(a.profile_dir),
+                                                  on_cell=partial))
         finally:
             service.stop()
         result["service"] = [c.summary() for c in cells]
@@ -379,8 +395,8 @@ def main(argv=None) -> dict:
     result["service"] = ratios(result["baseline"], result["service"]) if result["baseline"] else result["service"]
     result["targets"] = check_targets(result)
     result["loadavg_end"] = loadavg()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result["complete"] = True
+    save(out, result)
     print(f"\n## {shape.name} on {result['machine'].get('cpu_model', a.device)} ({a.device}), load average "
           f"{result['loadavg_start']} -> {result['loadavg_end']}\n")
     if result["baseline"]:

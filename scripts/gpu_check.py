@@ -152,6 +152,7 @@ def bench_step(run: Run, timeout: float, shape: str, service: bool) -> dict:
                     "json": out_json.name if out_json.is_file() else None}
     if out_json.is_file():
         data = json.loads(out_json.read_text())
+        result["complete"] = bool(data.get("complete"))  # False: cut off by its timeout, cells so far kept
         result["targets"] = data.get("targets", [])
         result["gpu_targets"] = gpu_targets(data)
     return result
@@ -189,7 +190,7 @@ def markdown(summary: dict, out: Path) -> str:
             note = ", ".join(f"{v} {k}" for k, v in st["counts"].items() if v)
         if name.startswith("bench-"):
             note = ("service over HTTP" if st.get("service") else f"baseline only ({st.get('service_why')})") + \
-                (f"; {st['json']}" if st.get("json") else "")
+                (f"; {st['json']}" if st.get("json") else "") + ("" if st.get("complete", True) else " (partial)")
         lines.append(f"| {name} | {st.get('status')} | {st.get('seconds', '')} | {note} |")
     tests = summary["steps"].get("tests", {}).get("tests", [])
     bad = [t for t in tests if t["outcome"] in ("failed", "error")]
