@@ -18,7 +18,7 @@ from .workloads import NUM_RESULTS, TOP_K, Workload, feature_index, sae_layers
 
 
 class Baseline:
-    def __init__(self, pack: Path, shape: Shape, device: str = "cpu"):
+    def __init__(self, pack: Path, shape: Shape, device: str = "cpu", dtype: str = "float32"):
         from safetensors.torch import load_file
         from sae_lens import SAE
         from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -26,7 +26,8 @@ class Baseline:
 
         self.shape, self.device = shape, device
         mdir = Path(pack) / "model"
-        cfg = HookedTransformerConfig(**{**json.loads((mdir / "config.json").read_text()), "device": device})
+        cfg = HookedTransformerConfig(**{**json.loads((mdir / "config.json").read_text()), "device": device,
+                                         "dtype": getattr(torch, dtype)})
         tok = PreTrainedTokenizerFast.from_pretrained(str(mdir))
         tok.name_or_path = str(mdir)
         m = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
@@ -35,8 +36,8 @@ class Baseline:
         self.saes = {}
         for layer in shape.set_layers or shape.layers:
             s = SAE.load_from_disk(str(Path(pack) / "saes" / shape.set_name / str(layer)), device=device)
-            s.fold_W_dec_norm()
-            self.saes[layer] = s.eval()
+            s.fold_W_dec_norm()  # in float32, then cast: as the service does
+            self.saes[layer] = s.to(dtype=getattr(torch, dtype)).eval()
 
     @property
     def tokenizer(self):

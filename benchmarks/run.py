@@ -75,10 +75,10 @@ def loadavg() -> list[float]:
 
 
 def run_baseline(pack: Path, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]], n: int,
-                 max_seconds: float, device: str, steer_n: int) -> dict[str, CellResult]:
+                 max_seconds: float, device: str, steer_n: int, dtype: str = "float32") -> dict[str, CellResult]:
     from .baseline import Baseline
 
-    b = Baseline(pack, shape, device)
+    b = Baseline(pack, shape, device, dtype)
     out = {}
     for w in workloads:
         def call(i: int, w=w) -> int:
@@ -191,7 +191,8 @@ def capture_delta(before: dict | None, after: dict | None, requests: int = 0) ->
 
 async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
                             n: int, concurrency: list[int], max_seconds: float, steer_n: int,
-                            profile: tuple[str, int] | None, profile_dir: Path | None) -> list[CellResult]:
+                            profile: tuple[str, int] | None, profile_dir: Path | None,
+                            on_cell=lambda cells: None) -> list[CellResult]:
     import httpx
 
     out = []
@@ -222,6 +223,7 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                         prof.stop()
                 r.model = capture_delta(before[0] if before else None, capture_stats(), r.requests)
                 out.append(r)
+                on_cell(out)
                 m = r.model
                 print(f"  service  {w.name:7s} c={c:<3d} n={r.requests:3d} err={r.errors} p50 {r.pct(.5):8.1f} ms  "
                       f"p95 {r.pct(.95):8.1f} ms  {r.rps:7.2f} req/s  {r.tps:9.0f} tok/s"
@@ -333,6 +335,14 @@ def parse_kv(items: list[str]) -> dict:
     return out
 
 
+def save(out: Path, result: dict) -> None:
+    """Write the result (``complete`` only once the run ended), atomically: a reader never sees half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"complete": False, **result}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
@@ -341,6 +351,8 @@ def main(argv=None) -> dict:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated workloads of {list(WORKLOADS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (model and SAEs, baseline and service alike)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model and SAE dtype, baseline and service alike (default: the shape's)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<shape>-<device>.json)")
     p.add_argument("--max-seconds", type=float, default=90, help="stop dispatching a cell's requests after this")
     p.add_argument("--app-arg", action="append", default=[], metavar="KEY=JSON", help="AppArgs override (repeatable)")
@@ -358,6 +370,7 @@ def main(argv=None) -> dict:
     os.environ.update(serve_env)  # before Ray is imported: Serve reads its settings from the environment at import
 
     shape = SHAPES[a.shape]
+    dtype = a.dtype or shape.dtype
     concurrency = [int(c) for c in a.concurrency.split(",") if c]
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = set(names) - set(WORKLOADS)
@@ -376,6 +389,7 @@ def main(argv=None) -> dict:
     result = {"shape": shape.name, "pack": str(pack), "started": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(a.device), "loadavg_start": loadavg(),
               "settings": {"requests": a.requests, "steer_requests": a.steer_requests, "concurrency": concurrency,
+                           "dtype": dtype,
                            "workloads": names, "max_seconds": a.max_seconds,
                            "prompt_tokens": [min(n for _, n in prompts), max(n for _, n in prompts)]},
               "baseline": {}, "service": []}
@@ -386,13 +400,15 @@ def main(argv=None) -> dict:
         workloads = [w for w in workloads if w.kind != "steer"]
     if not a.skip_baseline:
         print("# baseline: TransformerLens + SAE Lens, in-process, one request at a time", flush=True)
-        base_cells = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests)
+        base_cells = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests,
+                                  dtype)
         result["baseline"] = {k: v.summary() for k, v in base_cells.items()}
+        save(out, result)  # so far: a run stopped by a timeout keeps what it measured
     if not a.skip_service:
         from . import service
 
-        app_args = app_args_for(pack, shape, a.device, parse_kv(a.app_arg), json.loads(a.deployment_options),
-                                a.torch_threads)
+        app_args = app_args_for(pack, shape, a.device, {"model_dtype": dtype, "sae_dtype": dtype, **parse_kv(a.app_arg)},
+                                json.loads(a.deployment_options), a.torch_threads)
         result["settings"]["app_args"] = {k: v for k, v in app_args.items() if k != "model"}
         result["settings"]["serve_env"] = serve_env
         print(f"# starting the service ({shape.name}, {a.device})", flush=True)
@@ -403,8 +419,13 @@ def main(argv=None) -> dict:
             w, _, c = a.profile.partition(":")
             profile = (w, int(c or 1))
         try:
+            def partial(cells):
+                save(out, {**result, "service": ratios(result["baseline"], [c.summary() for c in cells])
+                           if result["baseline"] else [c.summary() for c in cells]})
+
             cells = asyncio.run(run_service_cells(base, shape, workloads, prompts, a.requests, concurrency,
-                                                  a.max_seconds, a.steer_requests, profile, Path(a.profile_dir)))
+                                                  a.max_seconds, a.steer_requests, profile, Path(a.profile_dir),
+                                                  on_cell=partial))
         finally:
             service.stop()
         result["service"] = [c.summary() for c in cells]
@@ -412,8 +433,8 @@ def main(argv=None) -> dict:
     result["service"] = ratios(result["baseline"], result["service"]) if result["baseline"] else result["service"]
     result["targets"] = check_targets(result)
     result["loadavg_end"] = loadavg()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result["complete"] = True
+    save(out, result)
     print(f"\n## {shape.name} on {result['machine'].get('cpu_model', a.device)} ({a.device}), load average "
           f"{result['loadavg_start']} -> {result['loadavg_end']}\n")
     if result["baseline"]:

@@ -51,8 +51,13 @@ def start(app_args: dict, num_cpus: int | None = None, timeout_s: float = 300) -
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM")
            if k in os.environ}
     if not ray.is_initialized():
+        kw = {}
+        if str(app_args.get("device", "")).startswith("cuda"):  # say it: GPU replicas would wait forever for an
+            import torch                                          # undetected GPU
+
+            kw["num_gpus"] = torch.cuda.device_count()
         ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, **kw)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs.model_validate(app_args)), name="saeserve", route_prefix="/")

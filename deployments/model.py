@@ -24,7 +24,8 @@ from deployments.engine import features as F
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import ModelRunner
 from deployments.engine.compute import ComputeThread, burst_threads_for
-from deployments.engine.errors import RequestError, translate_remote_error
+from deployments.engine.devices import check_device, release_cached_memory
+from deployments.engine.errors import RequestError, is_out_of_memory, translate_remote_error
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.loading import load_model, resolve_device
 from deployments.hooks import capture_hooks, dfa_hooks
@@ -92,8 +93,11 @@ class ModelDeployment:
                 return await self._submit(job)
             except RequestError as e:
                 return P.ItemError(e.message, e.status)
-            except Exception:  # a bug: this job's 500, not its call-mates'
-                log.exception("feature job failed")
+            except Exception as e:
+                if is_out_of_memory(e):  # its batch was re-run item by item (engine.batching): this one alone fails
+                    release_cached_memory(self.device)
+                    return P.ItemError("Out of memory while running this prompt; retry shortly", 503)
+                log.exception("feature job failed")  # a bug: this job's 500, not its call-mates'
                 return P.ItemError("Internal server error", 500)
 
         return list(await asyncio.gather(*(one(j) for j in jobs)))
@@ -267,7 +271,4 @@ class ModelDeployment:
         """Fails when the model is gone or its device is unusable, so Serve replaces this replica."""
         if self.runner is None or self.runner.model is None:
             raise RuntimeError("model is not loaded")
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()  # a poisoned CUDA context (device-side assert) raises here
+        check_device(self.device)  # this replica's device, not device 0: a poisoned CUDA context raises here

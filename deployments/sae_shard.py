@@ -28,8 +28,9 @@ from deployments.checks import check_index
 from deployments.engine import features as F
 from deployments.engine import geometry as G
 from deployments.engine.compute import ComputeThread, burst_threads_for
-from deployments.engine.errors import RequestError
-from deployments.engine.loading import load_sae, resolve_device, sae_nbytes
+from deployments.engine.devices import check_device, release_cached_memory, same_device, sae_budget_bytes
+from deployments.engine.errors import RequestError, is_out_of_memory
+from deployments.engine.loading import load_sae, parse_dtype, resolve_device, sae_nbytes
 from deployments.specs import SAESpec
 from deployments.engine.residency import Resident, evict_until
 
@@ -52,13 +53,19 @@ class ShardMetrics:
 
 
 class LoadedSAE(Resident):
-    """An SAE resident in this replica, with a count of operations using it (never evicted while > 0)."""
+    """An SAE resident in this replica, with a count of operations using it (never evicted while > 0).
+
+    ``nbytes`` is everything the SAE may hold on its device: its weights, plus the cosine index
+    (engine.geometry.DecoderIndex: row norms, and a float32 copy of a half-precision decoder). The index is built
+    on the first cosine query, but counted from the load: building it must never push the replica past
+    ``max_sae_bytes``, and nothing can be evicted from inside a query that already holds its SAE.
+    """
 
     def __init__(self, spec: SAESpec, sae):
         super().__init__()
         self.spec = spec
         self.sae = sae
-        self.nbytes = sae_nbytes(sae)
+        self.nbytes = sae_nbytes(sae) + G.DecoderIndex.nbytes_for(*sae.W_dec.shape, sae.W_dec.dtype)
         self._decoder_index: G.DecoderIndex | None = None
 
     @property
@@ -68,9 +75,23 @@ class LoadedSAE(Resident):
         return self._decoder_index
 
 
+def _gpu_share() -> float | None:
+    """The GPUs Ray assigned this replica (a fraction when it shares a card), or None outside a Ray actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except Exception:  # noqa: BLE001 - not in a Ray worker (tests, scripts): no share to go by
+        return None
+
+
 def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
-    per = 2 if dtype in ("float16", "bfloat16") else 4
-    return (2 * spec.d_in * spec.d_sae + spec.d_sae + spec.d_in) * per
+    """``LoadedSAE.nbytes`` of this SAE before it is loaded (a standard SAE's parameters: W_enc, W_dec, b_enc,
+    b_dec; other architectures differ by a few ``d_sae`` vectors), to make room for it first."""
+    torch_dtype = parse_dtype(dtype)
+    per = torch.empty((), dtype=torch_dtype).element_size()
+    weights = (2 * spec.d_in * spec.d_sae + spec.d_sae + spec.d_in) * per
+    return weights + G.DecoderIndex.nbytes_for(spec.d_sae, spec.d_in, torch_dtype)
 
 
 @serve.deployment(
@@ -90,7 +111,12 @@ class SAEShard:
         self.compute = ComputeThread("sae-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.dtype = dtype
         self.max_loaded_saes = max_loaded_saes
+        # on a GPU with no cap given, the replica's share of the card bounds what its SAEs may hold
+        if max_sae_bytes is None and self.device.startswith("cuda"):
+            max_sae_bytes = sae_budget_bytes(self.device, _gpu_share())
         self.max_sae_bytes = max_sae_bytes
+        if self.max_sae_bytes is not None:
+            log.info("SAE budget of this replica: %.2f GB (weights and cosine indexes)", self.max_sae_bytes / 1e9)
         self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0}
         self._calls = collections.Counter()  # handle calls received, per method (the benchmark's calls per request)
         self._metrics = ShardMetrics()
@@ -180,6 +206,13 @@ class SAEShard:
                     for i in chunk:
                         out[i] = P.ItemError(e.message, e.status)
                     continue
+                except Exception as e:  # its own out of memory is these items' 503; the next chunk may fit
+                    if not is_out_of_memory(e):
+                        raise
+                    release_cached_memory(self.device)
+                    for i in chunk:
+                        out[i] = P.ItemError("Out of memory while encoding these prompts; retry shortly", 503)
+                    continue
                 for i, f in zip(chunk, parts):
                     try:
                         out[i] = self._apply(s, items[i], f)
@@ -265,8 +298,7 @@ class SAEShard:
         """Fails when this replica cannot serve (no SAEs, or an unusable device), so Serve replaces it."""
         if not self.specs:
             raise RuntimeError("no SAEs configured")
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        check_device(self.device)  # this replica's device, not device 0
         for sae_id, loaded in self._resident().items():
-            if loaded.sae.W_enc.device.type != torch.device(self.device).type:
+            if not same_device(loaded.sae.W_enc.device, self.device):
                 raise RuntimeError(f"SAE {sae_id} is on {loaded.sae.W_enc.device}, expected {self.device}")

@@ -25,6 +25,7 @@ from ray.serve import Application
 from deployments.engine.errors import RequestError
 from deployments.specs import SAESpec
 
+from . import resources, state
 from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import AuthMiddleware
@@ -33,7 +34,6 @@ from .endpoints import ENDPOINTS, Endpoint, route_paths
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .handlers import Handlers
 from .limits import LimitsMiddleware
-from . import state
 
 log = logging.getLogger("saeserve.ingress")
 
@@ -158,19 +158,22 @@ def build_app(args: AppArgs) -> Application:
     if unknown:
         raise ValueError(f"deployment_options names unknown deployments {sorted(unknown)}")
 
-    def deployment(d):
-        d = d.options(**opts[d.name]) if d.name in opts else d
-        if not args.replica_env:
-            return d
-        actor = dict(d.ray_actor_options or {})
-        runtime_env = dict(actor.get("runtime_env") or {})
-        runtime_env["env_vars"] = {**args.replica_env, **(runtime_env.get("env_vars") or {})}
-        return d.options(ray_actor_options={**actor, "runtime_env": runtime_env})
+    gpus = resources.plan_for_args(args)  # the device and GPU requests of the computing replicas
 
-    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
+    def deployment(d):
+        given = dict(opts.get(d.name, {}))
+        actor = {**gpus.actor_options(d.name, d.ray_actor_options), **given.get("ray_actor_options", {})}
+        if args.replica_env:
+            runtime_env = dict(actor.get("runtime_env") or {})
+            runtime_env["env_vars"] = {**args.replica_env, **(runtime_env.get("env_vars") or {})}
+            actor["runtime_env"] = runtime_env
+        given["ray_actor_options"] = actor
+        return d.options(**given)
+
+    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], gpus.device, args.sae_dtype, args.max_loaded_saes,
                                       args.max_sae_bytes, args.encode_batch_size,
                                       torch_threads=args.torch_threads, burst_torch_threads=args.burst_torch_threads)
-    model = deployment(ModelDeployment).bind(model_path, args.device, args.model_dtype, args.override_model_id,
+    model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model_dtype, args.override_model_id,
                                              args.capture_batch_size, args.capture_batch_wait_s,
                                              generate_batch_rows=args.generate_batch_rows,
                                              generate_batch_wait_s=args.generate_batch_wait_s, torch_threads=args.torch_threads,

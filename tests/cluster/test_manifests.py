@@ -5,12 +5,16 @@
 * Each RayService's serveConfigV2 passes ray.serve.schema.ServeDeploySchema *and* a strict key check against
   the field names of Ray's schema models (Ray silently ignores a misspelt deployment key); serve_config.yaml
   gets the same strict check.
-* serveConfigV2 `applications` equal serve_config.yaml's; the GPU manifest may differ only by GPU_OVERRIDES.
+* serveConfigV2 `applications` equal serve_config.yaml's; serve_config.gpu.yaml and the GPU manifest may differ
+  from it only by GPU_OVERRIDES.
+* Every config whose device is not the CPU requests GPUs for ModelDeployment and SAEShard (a replica without a
+  GPU request still sees every GPU under Ray 2.60, unaccounted), and `auto` leaves their actor options to the
+  code (ingress.resources), which resolves it with a GPU request.
 * Deployment names in the configs are the `.name` of the Deployment objects in the code.
 * A few things the API server would accept but KubeRay or Ray would not run: resource fields set twice, a
   replica that fits no worker group, a RayJob whose files are not on the head.
 
-The CRDs are read from <repo>/../shared/kuberay (ray-project/kuberay ray-operator/config/crd/bases).
+The CRDs are read from <repo>/../shared/kuberay, or the first shared/kuberay above the repository (ray-project/kuberay ray-operator/config/crd/bases).
 """
 
 from __future__ import annotations
@@ -30,19 +34,24 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 SERVE_CONFIG = REPO / "serve_config.yaml"
-KUBERAY = REPO.parent / "shared" / "kuberay"
+SERVE_CONFIG_GPU = REPO / "serve_config.gpu.yaml"
+# <repo>/../shared/kuberay, or the first shared/kuberay above the repository (a git worktree sits deeper)
+KUBERAY = next((p / "shared" / "kuberay" for p in REPO.parents if (p / "shared" / "kuberay").is_dir()),
+               REPO.parent / "shared" / "kuberay")
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 APP_NAME = "saeserve"
 SECRET_NAME = "saeserve-secret"
 
-# The only ways cluster/rayservice-gpu.yaml's `applications` may differ from serve_config.yaml's (also listed
-# in that file's header and in cluster/README.md). Keys: (deployment name or None for app level, field).
+# The only ways serve_config.gpu.yaml's and cluster/rayservice-gpu.yaml's `applications` may differ from
+# serve_config.yaml's (also listed in those files' headers and in cluster/README.md). Keys: (deployment name or
+# None for app level, field). Model and SAE replicas share a card by these fractions.
 GPU_MANIFEST = "rayservice-gpu.yaml"
 GPU_OVERRIDES: dict[tuple[str | None, str], object] = {
     (None, "args.device"): "cuda",
-    ("ModelDeployment", "ray_actor_options"): {"num_cpus": 1, "num_gpus": 1, "resources": {"model_node": 1}},
-    ("SAEShard", "ray_actor_options"): {"num_cpus": 1, "num_gpus": 1, "resources": {"sae_node": 1}},
+    ("ModelDeployment", "ray_actor_options"): {"num_cpus": 0, "num_gpus": 0.25},
+    ("SAEShard", "ray_actor_options"): {"num_cpus": 0, "num_gpus": 0.125},
 }
+GPU_DEPLOYMENTS = ("ModelDeployment", "SAEShard")
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -79,6 +88,10 @@ def _serve_config_v2(doc: dict) -> dict:
 
 def _local_serve_config() -> dict:
     return yaml.load(SERVE_CONFIG.read_text(), Loader=_Loader)
+
+
+def _local_gpu_serve_config() -> dict:
+    return yaml.load(SERVE_CONFIG_GPU.read_text(), Loader=_Loader)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,9 +309,10 @@ def test_close_schema_respects_preserve_unknown_fields_and_int_or_string():
 # Serve configs
 
 
-def test_serve_config_yaml_strict():
-    errors = serve_config_errors(_local_serve_config())
-    assert not errors, "serve_config.yaml:\n  " + "\n  ".join(errors)
+@pytest.mark.parametrize("path", [SERVE_CONFIG, SERVE_CONFIG_GPU], ids=lambda p: p.name)
+def test_serve_config_yaml_strict(path):
+    errors = serve_config_errors(yaml.load(path.read_text(), Loader=_Loader))
+    assert not errors, f"{path.name}:\n  " + "\n  ".join(errors)
 
 
 @pytest.mark.parametrize("name,doc", _rayservices(), ids=lambda v: v if isinstance(v, str) else None)
@@ -383,6 +397,14 @@ def test_serve_config_v2_applications_match_serve_config_yaml(name, doc):
     assert not errors, f"{name} serveConfigV2 differs from serve_config.yaml{extra}:\n  " + "\n  ".join(errors)
 
 
+def test_serve_config_gpu_yaml_is_serve_config_yaml_with_the_gpu_overrides():
+    local = _local_serve_config()
+    gpu = _local_gpu_serve_config()
+    assert {k: v for k, v in gpu.items() if k != "applications"} == {k: v for k, v in local.items() if k != "applications"}
+    errors = sync_errors(GPU_MANIFEST, gpu["applications"], local["applications"])
+    assert not errors, "serve_config.gpu.yaml differs from serve_config.yaml beyond GPU_OVERRIDES:\n  " + "\n  ".join(errors)
+
+
 def test_gpu_overrides_are_complete_actor_options():
     """A config's ray_actor_options replaces the code's whole dict: each override keeps every key the local one
     sets, and its resources fit what it asks for."""
@@ -408,7 +430,55 @@ def test_sync_check_rejects_undocumented_gpu_difference():
 
 
 def _all_serve_configs() -> list[tuple[str, dict]]:
-    return [("serve_config.yaml", _local_serve_config())] + [(n, _serve_config_v2(d)) for n, d in _rayservices()]
+    return [("serve_config.yaml", _local_serve_config()), ("serve_config.gpu.yaml", _local_gpu_serve_config())] + \
+        [(n, _serve_config_v2(d)) for n, d in _rayservices()]
+
+
+def gpu_request_errors(cfg: dict) -> list[str]:
+    """A config's GPU requests for the computing replicas, as Ray will apply them: the config's own
+    ray_actor_options where it writes them (they replace the code's), else what build_app sets."""
+    from ingress.args import AppArgs
+    from ingress.resources import is_gpu_device, plan_for_args
+
+    app = _app(cfg)
+    args = AppArgs.model_validate(app.get("args") or {})
+    deployments = _deployments(app)
+    errors = []
+    for name in GPU_DEPLOYMENTS:
+        written = (deployments.get(name) or {}).get("ray_actor_options")
+        if args.device == "auto":
+            if written is not None and not written.get("num_gpus"):
+                errors.append(f"{name}: device auto with ray_actor_options that request no GPU: on a GPU node the "
+                              "replica would use the GPU unaccounted (say device: cpu, or request num_gpus)")
+            continue
+        if written is not None:
+            gpus = written.get("num_gpus", 0)
+        else:
+            gpus = plan_for_args(args, gpus_available=False).num_gpus.get(name, 0)
+        if is_gpu_device(args.device) and not gpus > 0:
+            errors.append(f"{name}: device {args.device} but no GPU requested")
+        if args.device == "cpu" and gpus:
+            errors.append(f"{name}: device cpu but {gpus} GPUs requested")
+    return errors
+
+
+@pytest.mark.parametrize("source,cfg", _all_serve_configs(), ids=lambda v: v if isinstance(v, str) else None)
+def test_non_cpu_devices_request_gpus(source, cfg):
+    errors = gpu_request_errors(cfg)
+    assert not errors, f"{source}:\n  " + "\n  ".join(errors)
+
+
+def test_gpu_request_check_can_fail():
+    cfg = copy.deepcopy(_local_gpu_serve_config())
+    assert gpu_request_errors(cfg) == []
+    del _deployments(_app(cfg))["SAEShard"]["ray_actor_options"]["num_gpus"]
+    assert any("SAEShard" in e for e in gpu_request_errors(cfg))
+    cfg = copy.deepcopy(_local_serve_config())
+    _app(cfg)["args"]["device"] = "auto"  # with the CPU config's num_cpus-only actor options
+    assert len(gpu_request_errors(cfg)) == 2
+    del _deployments(_app(cfg))["ModelDeployment"]["ray_actor_options"]
+    del _deployments(_app(cfg))["SAEShard"]["ray_actor_options"]
+    assert gpu_request_errors(cfg) == []  # auto left to the code: ingress.resources adds the GPU request
 
 
 def test_deployment_names_match_code():
@@ -547,6 +617,19 @@ def kuberay_errors(doc: dict) -> list[str]:
                    if not any(k not in ("CPU", "GPU") for k in have))
     if total_cpu_demand > free_cpu + 1e-9:
         errors.append(f"unpinned deployments need {total_cpu_demand} CPUs at max_replicas; groups offer {free_cpu}")
+    # GPUs: every GPU replica at max_replicas fits the GPU groups' cards (fractions pack onto shared cards), and
+    # nothing that asks for no GPU fits a GPU group (it would keep GPU Pods from scaling down)
+    gpu_demand = sum(demand(dep).get("GPU", 0) * (dep.get("autoscaling_config") or {}).get("max_replicas", dep.get("num_replicas", 1))
+                     for dep in deployments.values())
+    gpu_supply = sum(have.get("GPU", 0) * mx for _, have, mx in workers)
+    if gpu_demand > gpu_supply + 1e-9:
+        errors.append(f"GPU replicas need {gpu_demand} GPUs at max_replicas; groups offer {gpu_supply}")
+    for dname, dep in deployments.items():
+        need = demand(dep)
+        if "GPU" not in need:
+            on_gpu = [n for n, have, _ in workers if have.get("GPU") and _fits(need, have)]
+            if on_gpu:
+                errors.append(f"{dname} asks for no GPU but fits GPU group(s) {on_gpu}")
     return errors
 
 
@@ -571,9 +654,21 @@ def test_kuberay_checks_can_fail():
     assert any("head" in e for e in kuberay_errors(bad))
     gpu = copy.deepcopy(dict(_rayservices())[GPU_MANIFEST])
     assert kuberay_errors(gpu) == []
-    for g in gpu["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
-        g["resources"] = {k: v for k, v in (g.get("resources") or {}).items() if k != "sae_node"}
-    assert any("SAEShard" in e for e in kuberay_errors(gpu))
+    no_card = copy.deepcopy(gpu)
+    for g in no_card["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        for where in ("limits", "requests"):
+            g["template"]["spec"]["containers"][0].get("resources", {}).get(where, {}).pop("nvidia.com/gpu", None)
+    assert any("SAEShard" in e for e in kuberay_errors(no_card))
+    greedy = copy.deepcopy(gpu)  # a whole card per SAE replica: 4 more cards than the group has
+    app = _app(_serve_config_v2(greedy))
+    _deployments(app)["SAEShard"]["ray_actor_options"]["num_gpus"] = 1
+    greedy["spec"]["serveConfigV2"] = yaml.safe_dump({**_serve_config_v2(greedy), "applications": [app]})
+    assert any("GPUs at max_replicas" in e for e in kuberay_errors(greedy))
+    cpu_on_gpu = copy.deepcopy(gpu)  # GPU Pods advertising CPUs: ingress replicas could land there
+    for g in cpu_on_gpu["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        if g["groupName"] == "gpu":
+            g["rayStartParams"] = {}
+    assert any("SAEServeIngress asks for no GPU" in e for e in kuberay_errors(cpu_on_gpu))
 
 
 @pytest.mark.parametrize("name,doc", _rayservices(), ids=lambda v: v if isinstance(v, str) else None)
@@ -596,6 +691,30 @@ def test_pods_secret_probes_image(name, doc):
     if flavour == "gpu":
         gpu_groups = [n for n, c in _ray_containers(doc) if "nvidia.com/gpu" in (c.get("resources") or {}).get("limits", {})]
         assert gpu_groups, "GPU manifest without nvidia.com/gpu limits"
+
+
+def test_gpu_dockerfile_asserts_a_cuda_torch():
+    """The GPU image's build fails on a CPU-only torch: its check, run here with this machine's torch."""
+    import subprocess
+    import sys
+
+    import torch
+
+    text = (CLUSTER / "Dockerfile.gpu").read_text()
+    runs = [line for line in text.splitlines() if line.startswith("RUN python -c") and "torch.version.cuda" in line]
+    assert len(runs) == 1, "Dockerfile.gpu: one RUN python -c line that asserts torch.version.cuda"
+    code = shlex.split(runs[0][len("RUN "):])[2]
+
+    def check(want: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code.replace("${TORCH_CUDA}", want)], capture_output=True, text=True)
+
+    if torch.version.cuda is None:  # this machine: the build would stop here, with a message
+        r = check("")
+        assert r.returncode != 0 and "not a CUDA build" in r.stderr, r.stderr
+    else:
+        assert check("").returncode == 0
+        r = check("0.0")
+        assert r.returncode != 0 and "not 0.0" in r.stderr, r.stderr
 
 
 def test_dockerfiles_match_ray_version():

@@ -131,7 +131,9 @@ def test_count_budget_evicts_lru(specs, direct):
         assert (m["loads"], m["evictions"], m["resident"]) == (4, 2, [ids[2], ids[3]])
         m = step(ids[1], 6)  # evicted earlier: loaded again, same answers
         assert (m["loads"], m["evictions"], m["resident"]) == (5, 3, [ids[3], ids[1]])
-        nbytes = {i: sum(p.numel() * p.element_size() for p in s.parameters()) for i, s in direct.saes.items()}
+        from deployments.sae_shard import LoadedSAE
+
+        nbytes = {s.id: LoadedSAE(s, direct.saes[s.id]).nbytes for s in specs}  # weights + cosine index
         assert m["resident_bytes"] == nbytes[ids[3]] + nbytes[ids[1]]
         assert m["requests"] == 6 and m["hits"] == 1
     finally:
@@ -139,11 +141,13 @@ def test_count_budget_evicts_lru(specs, direct):
 
 
 def test_byte_budget_and_concurrent_miss_loads_once(specs, direct):
+    from deployments.engine import geometry as G
     from deployments.engine.loading import sae_nbytes
     from deployments.sae_shard import estimated_nbytes
 
     ids = [s.id for s in specs]
-    one = sae_nbytes(direct.saes[ids[0]])
+    # what a resident SAE counts: its weights and its cosine index (row norms, for a float32 decoder)
+    one = sae_nbytes(direct.saes[ids[0]]) + G.DecoderIndex.nbytes_for(specs[0].d_sae, specs[0].d_in, torch.float32)
     assert estimated_nbytes(specs[0], "float32") == one  # the budget check before loading is exact here
     h = deploy_shard("sae-cache-bytes", specs, max_loaded_saes=64, max_sae_bytes=one)  # room for one SAE
     try:
