@@ -16,8 +16,9 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 # Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
+# RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; README "Performance").
 serve: venv
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/serve run serve_config.yaml
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run serve_config.yaml
 
 test: venv
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests

@@ -66,7 +66,7 @@ class SAEServeIngress:
         a = AppArgs.model_validate(args)
         self.backend = Backend(a, [SAESpec(**s) for s in specs], model_handle, sae_handle)
         self.handlers = Handlers(self.backend, route_paths())
-        state.install(self, self.backend.secret, a.max_body_bytes, a.request_timeout_s)
+        state.install(self, self.backend.secret, a.limits.max_body_bytes, a.limits.request_timeout_s)
 
     async def _call(self, ep: Endpoint, req):
         """The final answer (a handle call, or HTTP without ``stream``)."""
@@ -149,11 +149,12 @@ def build_app(args: AppArgs) -> Application:
 
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    model_path = resolve_model_path(args.model)
-    specs = resolve_sae_specs(model_path, args.sae_sets, args.sae_dirs, args.include_sae, args.exclude_sae,
-                              sae_config=args.sae_config)
+    model_path = resolve_model_path(args.model.name)
+    s, b = args.saes, args.batching
+    specs = resolve_sae_specs(model_path, s.sets, s.dirs, s.include, s.exclude, sae_config=s.config)
     log.info("building saeserve: model %s, %d SAEs", model_path, len(specs))
-    opts = args.deployment_options
+    opts = args.resources.deployment_options
+    replica_env = args.resources.replica_env
     unknown = set(opts) - {d.name for d in (SAEServeIngress, ModelDeployment, SAEShard)}
     if unknown:
         raise ValueError(f"deployment_options names unknown deployments {sorted(unknown)}")
@@ -163,19 +164,19 @@ def build_app(args: AppArgs) -> Application:
     def deployment(d):
         given = dict(opts.get(d.name, {}))
         actor = {**gpus.actor_options(d.name, d.ray_actor_options), **given.get("ray_actor_options", {})}
-        if args.replica_env:
+        if replica_env:
             runtime_env = dict(actor.get("runtime_env") or {})
-            runtime_env["env_vars"] = {**args.replica_env, **(runtime_env.get("env_vars") or {})}
+            runtime_env["env_vars"] = {**replica_env, **(runtime_env.get("env_vars") or {})}
             actor["runtime_env"] = runtime_env
         given["ray_actor_options"] = actor
         return d.options(**given)
 
-    shard = deployment(SAEShard).bind([s.to_dict() for s in specs], gpus.device, args.sae_dtype, args.max_loaded_saes,
-                                      args.max_sae_bytes, args.encode_batch_size,
-                                      torch_threads=args.torch_threads, burst_torch_threads=args.burst_torch_threads)
-    model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model_dtype, args.override_model_id,
-                                             args.capture_batch_size, args.capture_batch_wait_s,
-                                             generate_batch_rows=args.generate_batch_rows,
-                                             generate_batch_wait_s=args.generate_batch_wait_s, torch_threads=args.torch_threads,
-                                             burst_torch_threads=args.burst_torch_threads, sae_shard=shard)
-    return deployment(SAEServeIngress).bind(args.model_dump(), [s.to_dict() for s in specs], model, shard)
+    shard = deployment(SAEShard).bind([x.to_dict() for x in specs], gpus.device, s.dtype, s.max_loaded, s.max_bytes,
+                                      b.encode_batch_size, torch_threads=b.torch_threads,
+                                      burst_torch_threads=b.burst_torch_threads)
+    model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model.dtype, args.model.override,
+                                             b.capture_batch_size, b.capture_batch_wait_s,
+                                             generate_batch_rows=b.generate_batch_rows,
+                                             generate_batch_wait_s=b.generate_batch_wait_s, torch_threads=b.torch_threads,
+                                             burst_torch_threads=b.burst_torch_threads, sae_shard=shard)
+    return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

@@ -1,132 +1,219 @@
-"""AppArgs: the one configuration object, from serve_config.yaml ``args``, the CLI, or Python."""
+"""AppArgs: the one configuration object, from serve_config.yaml ``args``, the CLI, or Python.
+
+Grouped into sections (``model``, ``saes``, ``limits``, ``batching``, ``auth``, ``resources``); every field says
+what it does, and the configuration reference (docs/configuration.md) is generated from these descriptions
+(``python -m ingress.args --markdown``; a test fails when the file is out of date). The flat keys of earlier
+versions (``model_dtype``, ``token_limit``, ``sae_sets`` ...) are still accepted and land in their section.
+Unknown keys are errors: a misspelt option must not be silently ignored.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.engine import pack
-from deployments.specs import DTYPE_NAMES, local_path, read_sae_config
+from deployments.specs import local_path, read_sae_config
 
 DType = Literal["float32", "float16", "bfloat16"]
 
 
-class AppArgs(BaseModel):
-    """How to build the application. Unknown keys are errors: a misspelt option must not be silently ignored."""
-
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("models/demo-lm", description="TransformerLens model name, or a local pack directory")
-    model_id: Optional[str] = Field(None, description="Id clients send as `model` (default: the pack's model_name, or the model name)")
-    override_model_id: Optional[str] = Field(None, description="Load these weights instead (e.g. an -it model under base-model SAEs); also accepted as `model`")
-    sae_sets: list[str] = Field(default_factory=list, description="SAE sets to serve (pack sets or Neuronpedia set names)")
-    sae_dirs: list[str] = Field(default_factory=list, description="Extra local SAE Lens directories, served as '<dir>-<parent dir>'")
-    sae_config: Optional[str] = Field(
-        None,
-        description="YAML/JSON file listing SAE sets ({sets: {<set>: {<served id>: <SAE Lens dir>}}}, optionally model/model_id); "
-        "with no sae_sets, all of its sets are served",
-    )
-    include_sae: list[str] = Field(default_factory=list, description="Serve only SAE ids matching one of these regexes")
-    exclude_sae: list[str] = Field(default_factory=list, description="Do not serve SAE ids matching any of these regexes")
-    model_dtype: DType = "float32"
-    sae_dtype: DType = "float32"
-    device: str = Field("auto", description="auto (cuda if the cluster has GPUs, else cpu), cpu, or cuda (each GPU "
-                        "replica is given its card by Ray: see num_gpus)")
-    token_limit: int = Field(200, ge=1, description="Most tokens in one prompt (after BOS/chat template); also capped by the model's n_ctx")
-    max_completion_tokens: int = Field(256, ge=1, description="Most new tokens one steer/completion may ask for (n_completion_tokens)")
-    max_batch_prompts: int = Field(16, ge=1, description="Most prompts in one *-batch request")
-    max_num_results: int = Field(1000, ge=1, description="Cap on activation/all num_results")
-    max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token top_k")
-    max_loaded_saes: int = Field(64, ge=1, description="Most SAEs resident in one SAEShard replica (LRU)")
-    secret: Optional[str] = Field(None, description="If set (or env SECRET), requests need X-SECRET-KEY", repr=False)
-    model_calls_in_flight: int = Field(2, ge=1, description="Most ModelDeployment calls one ingress replica has out at a time: "
-                                       "requests that arrive meanwhile share the next call (a lone request goes at once)")
-    capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
-    capture_batch_wait_s: float = Field(0.0, ge=0, description="How long a forward pass waits for company when the model "
-                                        "is idle (batches form anyway from what queues while the model is busy)")
+
+class ModelArgs(Section):
+    """The TransformerLens model: which one, and how it is loaded."""
+
+    name: str = Field("models/demo-lm", description="A TransformerLens model name (`gpt2-small`, `gemma-2-2b`) or a local "
+                      "pack directory (`models/demo-lm`)")
+    id: Optional[str] = Field(None, description="The id clients send as `model` (default: the pack's model_name, or the "
+                              "model name)")
+    override: Optional[str] = Field(None, description="Load these TransformerLens weights instead (e.g. an -it model under "
+                                    "base-model SAEs); clients may send this id too")
+    dtype: DType = Field("float32", description="The model's dtype: float32, float16 or bfloat16")
+
+
+class SAEArgs(Section):
+    """Which SAEs are served, and how much of them an SAEShard replica holds."""
+
+    sets: list[str] = Field(default_factory=list, description="SAE sets to serve: sets of the pack, of the SAE config file, "
+                            "or Neuronpedia set names of SAE Lens's pretrained directory (`res-jb`)")
+    dirs: list[str] = Field(default_factory=list, description="Extra local SAE Lens directories, served as "
+                            "`<dir>-<parent dir>`")
+    config: Optional[str] = Field(None, description="A YAML/JSON file listing SAE sets (`{sets: {<set>: {<served id>: <SAE "
+                                  "Lens dir>}}}`, optionally `model` / `model_id`); with no `sets`, all of its sets are served")
+    include: list[str] = Field(default_factory=list, description="Serve only SAE ids matching one of these regexes")
+    exclude: list[str] = Field(default_factory=list, description="Do not serve SAE ids matching any of these regexes")
+    dtype: DType = Field("float32", description="The SAEs' dtype: float32, float16 or bfloat16 (decoder norms are folded "
+                         "in float32 first)")
+    max_loaded: int = Field(64, ge=1, description="Most SAEs resident in one SAEShard replica (least recently used go first; "
+                            "one in use never does)")
+    max_bytes: Optional[int] = Field(None, ge=1, description="Most bytes one SAEShard replica holds for its SAEs, counting "
+                                     "each SAE's weights and its cosine index; none = no cap on the CPU, on a GPU 80% of "
+                                     "the replica's share of the card")
+
+
+class LimitArgs(Section):
+    """What one request may ask for. A request over a limit gets a 400 that names it."""
+
+    token_limit: int = Field(200, ge=1, description="Most tokens in one prompt (after BOS / chat template); also capped by "
+                             "the model's n_ctx")
+    max_completion_tokens: int = Field(256, ge=1, description="Most new tokens one steer/completion may ask for "
+                                       "(`n_completion_tokens`)")
+    max_batch_prompts: int = Field(16, ge=1, description="Most prompts in one `*-batch` or `activation/source` request")
+    max_num_results: int = Field(1000, ge=1, description="Cap on activation/all's `num_results`")
+    max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token's `top_k`")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
-    max_sae_bytes: Optional[int] = Field(
-        None, ge=1, description="Most bytes one SAEShard replica holds for its SAEs (LRU), counting each SAE's weights "
-        "and its cosine index; None = no cap on the CPU, on a GPU the replica's share of the card (sae_num_gpus)")
-    encode_batch_size: int = Field(16, ge=1, description="Most prompts one SAE encodes in one matmul (a model batch's prompts "
-                                   "for an SAE are encoded together, in chunks of this many)")
-    generate_batch_rows: int = Field(16, ge=2, description="Rows (a steering request's STEERED and DEFAULT are two) decoded together in one generation wave")
-    generate_batch_wait_s: float = Field(
-        0.05, ge=0, description="How long a generation wave waits to collect requests; a wave runs to its end, so a "
-        "request that just misses it waits for the whole wave")
-    torch_threads: Optional[int] = Field(
-        None, ge=1, description="torch intra-op threads in each ModelDeployment and SAEShard replica (matters on CPU); "
-        "None = Ray's default for the replica's num_cpus, which is 1 for a fractional CPU")
-    burst_torch_threads: Optional[int] = Field(
-        None, ge=0, description="CPU only: torch threads for a lone request's work while no other replica on the "
-        "machine computes (idle cores otherwise); None = every CPU the replica may use, 0 = off")
+
+
+class BatchingArgs(Section):
+    """How concurrent requests share work. Batches form from what queues while a replica is busy; nothing waits
+    for company by default."""
+
+    model_calls_in_flight: int = Field(2, ge=1, description="Most ModelDeployment calls one ingress replica has out at a "
+                                       "time: requests that arrive meanwhile share the next call (a lone request goes at once)")
+    capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
+    capture_batch_wait_s: float = Field(0.0, ge=0, description="How long an idle model waits for company before a forward "
+                                        "pass")
+    encode_batch_size: int = Field(16, ge=1, description="Most prompts one SAE encodes in one matmul (a model batch's "
+                                   "prompts for an SAE are encoded together, in chunks of this many)")
+    generate_batch_rows: int = Field(16, ge=2, description="Rows decoded together in one generation wave (a steering "
+                                     "request's STEERED and DEFAULT are two)")
+    generate_batch_wait_s: float = Field(0.05, ge=0, description="How long a generation wave waits to collect requests; a "
+                                         "wave runs to its end, so a request that just misses it waits for the whole wave")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads in each ModelDeployment and "
+                                         "SAEShard replica (matters on CPU); none = Ray's default for the replica's num_cpus, "
+                                         "which is 1 for a fractional CPU")
+    burst_torch_threads: Optional[int] = Field(None, ge=0, description="CPU only: torch threads for a lone request's work "
+                                               "while no other replica on the machine computes; none = every CPU the "
+                                               "replica may use, 0 = off")
+
+
+class AuthArgs(Section):
+    """Who may call."""
+
+    secret: Optional[str] = Field(None, repr=False, description="If set (or env `SECRET`), every route but /health, /docs "
+                                  "and /openapi.json needs header `X-SECRET-KEY` (the legacy routes: `secret` in the body)")
+
+
+class ResourceArgs(Section):
+    """Where replicas run and what they ask Ray for."""
+
+    device: str = Field("auto", description="auto (cuda if the cluster has GPUs, else cpu), cpu, or cuda (Ray gives each "
+                        "GPU replica its card: see num_gpus)")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per ModelDeployment and per SAEShard replica when the "
+                                      "device is a GPU; fractions share a card. none = 0.25 per model replica and 0.125 per "
+                                      "SAE replica (one card holds 2 + 4 replicas)")
+    model_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per ModelDeployment replica (overrides num_gpus)")
+    sae_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per SAEShard replica (overrides num_gpus); with no "
+                                          "saes.max_bytes, this share of the card's memory bounds its SAEs")
     replica_env: dict[str, str] = Field(
         default_factory=lambda: {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
         description="Environment variables for every replica of the app (merged into each deployment's "
-        "ray_actor_options.runtime_env). The default turns on Serve's throughput-optimised mode in the replicas only: "
-        "set in a driver process it would break that process's synchronous DeploymentHandle .result() calls",
-    )
-    # --- GPUs (ingress.resources turns these into each deployment's ray_actor_options) ---
-    num_gpus: Optional[float] = Field(
-        None, ge=0, description="GPUs per ModelDeployment and per SAEShard replica when the device is a GPU; fractions "
-        "share a card. None = 0.25 per model replica and 0.125 per SAE replica (one card holds 2 + 4 replicas)")
-    model_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per ModelDeployment replica (overrides num_gpus)")
-    sae_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per SAEShard replica (overrides num_gpus); "
-                                          "with no max_sae_bytes, this share of the card's memory bounds its SAEs")
+        "ray_actor_options.runtime_env). The default turns on Serve's throughput-optimised mode in the replicas only: in "
+        "a driver process it would break that process's synchronous DeploymentHandle .result() calls")
     deployment_options: dict[str, dict] = Field(
-        default_factory=dict,
-        description="Per-deployment Serve options applied in Python (e.g. {'SAEShard': {'num_replicas': 2}}); "
-        "serve_config.yaml's `deployments:` section is the usual place for these",
-    )
+        default_factory=dict, description="Per-deployment Serve options applied in Python (e.g. `{SAEShard: {num_replicas: "
+        "2}}`); serve_config.yaml's `deployments:` section is the usual place for these")
 
-    @field_validator("model_dtype", "sae_dtype")
+
+# The flat keys of earlier versions (and of the CLI's flags): key -> (section, field).
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "model": ("model", "name"), "model_id": ("model", "id"), "override_model_id": ("model", "override"),
+    "model_dtype": ("model", "dtype"),
+    "sae_sets": ("saes", "sets"), "sae_dirs": ("saes", "dirs"), "sae_config": ("saes", "config"),
+    "include_sae": ("saes", "include"), "exclude_sae": ("saes", "exclude"), "sae_dtype": ("saes", "dtype"),
+    "max_loaded_saes": ("saes", "max_loaded"), "max_sae_bytes": ("saes", "max_bytes"),
+    **{k: ("limits", k) for k in LimitArgs.model_fields},
+    **{k: ("batching", k) for k in BatchingArgs.model_fields},
+    **{k: ("auth", k) for k in AuthArgs.model_fields},
+    **{k: ("resources", k) for k in ResourceArgs.model_fields},
+}
+
+
+class AppArgs(BaseModel):
+    """How to build the application."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: ModelArgs = Field(default_factory=ModelArgs, description=ModelArgs.__doc__)
+    saes: SAEArgs = Field(default_factory=SAEArgs, description=SAEArgs.__doc__)
+    limits: LimitArgs = Field(default_factory=LimitArgs, description=LimitArgs.__doc__)
+    batching: BatchingArgs = Field(default_factory=BatchingArgs, description=BatchingArgs.__doc__)
+    auth: AuthArgs = Field(default_factory=AuthArgs, description=AuthArgs.__doc__)
+    resources: ResourceArgs = Field(default_factory=ResourceArgs, description=ResourceArgs.__doc__)
+
+    @model_validator(mode="before")
     @classmethod
-    def _dtype(cls, v: str) -> str:
-        assert v in DTYPE_NAMES
-        return v
+    def _flat_keys(cls, data: Any) -> Any:
+        """Flat keys (``token_limit: 64``, ``model: gpt2-small``) go to their section; a key given both ways is an
+        error, as is one that is neither."""
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] = {}
+        flat: dict[str, dict[str, Any]] = {}
+        for key, value in data.items():
+            if key in cls.model_fields and not (key == "model" and isinstance(value, str)):
+                out[key] = value
+            elif key in FLAT_KEYS:
+                section, field = FLAT_KEYS[key]
+                flat.setdefault(section, {})[field] = value
+            else:
+                out[key] = value  # an unknown key: the model's extra="forbid" names it
+        for section, fields in flat.items():
+            given = out.get(section)
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
+            both = set(given) & set(fields)
+            if both:
+                raise ValueError(f"{sorted(both)} given both flat and in section {section!r}")
+            out[section] = {**given, **fields}
+        return out
 
     @model_validator(mode="after")
     def _gpus(self) -> "AppArgs":
         from .resources import check_gpu_args
 
-        check_gpu_args(self.device, self.num_gpus, self.model_num_gpus, self.sae_num_gpus)
+        r = self.resources
+        check_gpu_args(r.device, r.num_gpus, r.model_num_gpus, r.sae_num_gpus)
         return self
 
     @model_validator(mode="after")
     def _model_from_sae_config(self) -> "AppArgs":
-        """An SAE config file may name the model (and its id); explicit ``model`` / ``model_id`` win."""
-        if self.sae_config and not {"model", "model_id"} <= self.model_fields_set:
-            cfg = read_sae_config(self.sae_config)
-            if cfg.model and "model" not in self.model_fields_set:
-                self.model = cfg.model
-            if cfg.model_id and "model_id" not in self.model_fields_set:
-                self.model_id = cfg.model_id
+        """An SAE config file may name the model (and its id); an explicit ``model.name`` / ``model.id`` wins."""
+        given = self.model.model_fields_set
+        if self.saes.config and not {"name", "id"} <= given:
+            cfg = read_sae_config(self.saes.config)
+            if cfg.model and "name" not in given:
+                self.model.name = cfg.model
+            if cfg.model_id and "id" not in given:
+                self.model.id = cfg.model_id
         return self
 
     @property
     def served_model_id(self) -> str:
-        if self.model_id:
-            return self.model_id
-        path = local_path(self.model)
+        if self.model.id:
+            return self.model.id
+        path = local_path(self.model.name)
         if path is None:
-            return self.model
+            return self.model.name
         return pack.model_name(path) or path.name
 
     def accepted_model_ids(self) -> set[str]:
         ids = {self.served_model_id}
-        if self.override_model_id:
-            ids.add(self.override_model_id)
+        if self.model.override:
+            ids.add(self.model.override)
         return ids
 
     def resolved_secret(self) -> Optional[str]:
-        return self.secret or os.environ.get("SECRET") or None
+        return self.auth.secret or os.environ.get("SECRET") or None
 
     def public_dict(self) -> dict:
-        """For logs and /v1/capabilities: never the secret."""
-        return self.model_dump(exclude={"secret"})
+        """For logs: never the secret."""
+        return self.model_dump(exclude={"auth": {"secret"}})
 
 
 def resolve_model_path(model: str) -> str:
@@ -135,4 +222,35 @@ def resolve_model_path(model: str) -> str:
     return str(p) if p is not None else model
 
 
-__all__ = ["AppArgs", "resolve_model_path"]
+def reference_markdown() -> str:
+    """The configuration reference, from the fields themselves (docs/configuration.md is this text)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `ingress/args.py` by `python -m ingress.args --markdown > docs/configuration.md` "
+             "(`tests/ingress/test_config_reference.py` fails when this file is out of date).", "",
+             "`serve_config.yaml`'s `args`, the Python builder `ingress.app:build_app(AppArgs(...))` and the CLI all take "
+             "`ingress.args.AppArgs`. Sections nest (`limits: {token_limit: 64}`); each field's flat key of earlier "
+             "versions (`token_limit: 64`, `model: gpt2-small`, `sae_sets: [...]`) is accepted too. Unknown keys are "
+             "errors.", ""]
+    flat_of = {v: k for k, v in FLAT_KEYS.items()}
+    for name, f in AppArgs.model_fields.items():
+        section = f.annotation
+        lines += [f"## `{name}`", "", (section.__doc__ or "").strip(), "", "| key | flat key | default | meaning |",
+                  "| --- | --- | --- | --- |"]
+        for field, info in section.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            shown = "none" if default is None else ("`[]`" if default == [] else ("`{}`" if default == {} else f"`{default}`"))
+            flat = flat_of.get((name, field), "–")
+            lines.append(f"| `{name}.{field}` | `{flat}` | {shown} | {info.description} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = ["AppArgs", "FLAT_KEYS", "reference_markdown", "resolve_model_path"]
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(reference_markdown())
+    else:
+        sys.exit("usage: python -m ingress.args --markdown")

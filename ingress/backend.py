@@ -43,7 +43,7 @@ class Backend:
         self._ready_lock = asyncio.Lock()
         # Tokenizing is CPU work proportional to the input: it runs here, never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingress-cpu")
-        self._features = CallBatcher(self._send_features, max_in_flight=args.model_calls_in_flight)
+        self._features = CallBatcher(self._send_features, max_in_flight=args.batching.model_calls_in_flight)
 
     # --- readiness ---------------------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ class Backend:
 
     @property
     def token_limit(self) -> int:
-        return min(self.args.token_limit, self.info.n_ctx)
+        return min(self.args.limits.token_limit, self.info.n_ctx)
 
     # --- SAEs ----------------------------------------------------------------------------------------------
 

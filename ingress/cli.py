@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="'local' (default): start a Ray instance of our own and stop it on exit; 'auto' or host:port: use a running cluster")
     a("--ray_temp_dir", "--ray-temp-dir", default=None,
       help="Temp/log directory of our own Ray instance (default: Ray's, /tmp/ray); keep it short (socket paths)")
+    a("--http_proxy", "--http-proxy", choices=("haproxy", "python"), default="haproxy",
+      help="Our own Ray instance's HTTP ingress: Serve's HAProxy (default: HTTP goes straight to the ingress replicas) "
+      "or its Python proxy. A running cluster (--ray_address) keeps its own (RAY_SERVE_ENABLE_HA_PROXY in its env)")
     a("--list_models", "--list-models", action="store_true",
       help="Print the models and SAE sets in SAE Lens's pretrained directory, and exit (offline, starts nothing)")
     return p
@@ -159,7 +162,7 @@ def args_from_flags(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors())
         parser.error(msgs)
     try:
-        check_model(args.model, args.override_model_id)
+        check_model(args.model.name, args.model.override)
     except ValueError as e:
         parser.error(str(e))
     return args
@@ -172,11 +175,11 @@ def _build(args, parser):
     from .app import build_app
 
     try:
-        specs = resolve_sae_specs(args.model, args.sae_sets, args.sae_dirs, args.include_sae, args.exclude_sae,
-                                  sae_config=args.sae_config)
+        s = args.saes
+        specs = resolve_sae_specs(args.model.name, s.sets, s.dirs, s.include, s.exclude, sae_config=s.config)
         if not specs:
-            parser.error(f"no SAEs to serve for model {args.model!r} (sets {args.sae_sets}, include {args.include_sae}, "
-                         f"exclude {args.exclude_sae}): name SAE sets with --sae_sets or --sae_config")
+            parser.error(f"no SAEs to serve for model {args.model.name!r} (sets {s.sets}, include {s.include}, "
+                         f"exclude {s.exclude}): name SAE sets with --sae_sets or --sae_config")
         return build_app(args), specs
     except ValueError as e:
         parser.error(str(e))
@@ -213,7 +216,7 @@ def serve_forever(args, app, host: str, port: int, ray_address: str = "local", r
         # after ray.init / serve.start, so our handlers are the ones that run
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        log.info("deploying %s: model %s, %s", APP_NAME, args.model, args.public_dict().get("sae_sets"))
+        log.info("deploying %s: model %s, SAE sets %s", APP_NAME, args.model.name, args.saes.sets)
         serve.run(app, name=APP_NAME, route_prefix="/")
         serving.set()
         log.info("serving model %s on http://%s:%d (Ctrl-C to stop)", args.served_model_id, host, port)
@@ -250,6 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdout = None  # type: ignore[assignment]
         return 0
     args = args_from_flags(ns, parser)
+    if ns.ray_address == "local":  # before Ray Serve is imported: it reads the setting then, as the Ray it starts does
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ns.http_proxy == "haproxy" else "0"
     app, specs = _build(args, parser)
     _setup_logging()
     log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))

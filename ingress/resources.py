@@ -79,8 +79,9 @@ def plan(device: str, num_gpus: float | None = None, model_num_gpus: float | Non
 def plan_for_args(args, gpus_available: bool | None = None) -> ResourcePlan:
     """``plan`` for an AppArgs (``gpus_available`` looked up when not given)."""
     if gpus_available is None:
-        gpus_available = args.device == "auto" and gpus_visible()
-    return plan(args.device, args.num_gpus, args.model_num_gpus, args.sae_num_gpus, gpus_available=gpus_available)
+        gpus_available = args.resources.device == "auto" and gpus_visible()
+    r = args.resources
+    return plan(r.device, r.num_gpus, r.model_num_gpus, r.sae_num_gpus, gpus_available=gpus_available)
 
 
 def gpus_visible() -> bool:

@@ -141,7 +141,7 @@ class ActivationHandler(Handler):
         n = DEFAULT_NUM_RESULTS if n is None else n
         if n < 1:
             raise RequestError(f"num_results must be at least 1, got {n}")
-        return min(n, self.args.max_num_results)
+        return min(n, self.args.limits.max_num_results)
 
     async def ranked(self, prompts: list[str], chosen: list[SAESpec], n: int, sort_idx: list[int], ignore_bos: bool,
                      feature_filter) -> list[S.ActivationAllResponse]:
@@ -182,7 +182,7 @@ class ActivationHandler(Handler):
         k = DEFAULT_TOP_K if k is None else k
         if k < 1:
             raise RequestError(f"top_k must be at least 1, got {k}")
-        return min(k, self.args.max_top_k)
+        return min(k, self.args.limits.max_top_k)
 
     async def _topks(self, prompts: list[str], source: str, top_k, ignore_bos: bool) -> list[S.ActivationTopkByTokenResponse]:
         spec = self.spec(source)

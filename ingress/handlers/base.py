@@ -24,8 +24,9 @@ class Handler:
     def check_batch(self, prompts: list[str]) -> None:
         if not prompts:
             raise RequestError("prompts is empty: send at least one prompt")
-        if len(prompts) > self.args.max_batch_prompts:
-            raise RequestError(f"Too many prompts: {len(prompts)}, max is {self.args.max_batch_prompts} per request")
+        most = self.args.limits.max_batch_prompts
+        if len(prompts) > most:
+            raise RequestError(f"Too many prompts: {len(prompts)}, max is {most} per request")
 
     @staticmethod
     def check_finite(values: list[float], what: str) -> None:

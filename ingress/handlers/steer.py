@@ -175,7 +175,7 @@ class SteerHandler(Handler):
         torch_seed(req.seed)
         if req.n_completion_tokens < 1:
             raise RequestError(f"n_completion_tokens must be at least 1, got {req.n_completion_tokens}")
-        cap = self.args.max_completion_tokens
+        cap = self.args.limits.max_completion_tokens
         if req.n_completion_tokens > cap:
             raise RequestError(f"n_completion_tokens is {req.n_completion_tokens}, max is {cap}")
 

@@ -47,7 +47,7 @@ SECRET_NAME = "saeserve-secret"
 # None for app level, field). Model and SAE replicas share a card by these fractions.
 GPU_MANIFEST = "rayservice-gpu.yaml"
 GPU_OVERRIDES: dict[tuple[str | None, str], object] = {
-    (None, "args.device"): "cuda",
+    (None, "args.resources.device"): "cuda",
     ("ModelDeployment", "ray_actor_options"): {"num_cpus": 0, "num_gpus": 0.25},
     ("SAEShard", "ray_actor_options"): {"num_cpus": 0, "num_gpus": 0.125},
 }
@@ -446,7 +446,7 @@ def gpu_request_errors(cfg: dict) -> list[str]:
     errors = []
     for name in GPU_DEPLOYMENTS:
         written = (deployments.get(name) or {}).get("ray_actor_options")
-        if args.device == "auto":
+        if args.resources.device == "auto":
             if written is not None and not written.get("num_gpus"):
                 errors.append(f"{name}: device auto with ray_actor_options that request no GPU: on a GPU node the "
                               "replica would use the GPU unaccounted (say device: cpu, or request num_gpus)")
@@ -455,9 +455,9 @@ def gpu_request_errors(cfg: dict) -> list[str]:
             gpus = written.get("num_gpus", 0)
         else:
             gpus = plan_for_args(args, gpus_available=False).num_gpus.get(name, 0)
-        if is_gpu_device(args.device) and not gpus > 0:
-            errors.append(f"{name}: device {args.device} but no GPU requested")
-        if args.device == "cpu" and gpus:
+        if is_gpu_device(args.resources.device) and not gpus > 0:
+            errors.append(f"{name}: device {args.resources.device} but no GPU requested")
+        if args.resources.device == "cpu" and gpus:
             errors.append(f"{name}: device cpu but {gpus} GPUs requested")
     return errors
 
@@ -474,7 +474,7 @@ def test_gpu_request_check_can_fail():
     del _deployments(_app(cfg))["SAEShard"]["ray_actor_options"]["num_gpus"]
     assert any("SAEShard" in e for e in gpu_request_errors(cfg))
     cfg = copy.deepcopy(_local_serve_config())
-    _app(cfg)["args"]["device"] = "auto"  # with the CPU config's num_cpus-only actor options
+    _app(cfg)["args"]["resources"]["device"] = "auto"  # with the CPU config's num_cpus-only actor options
     assert len(gpu_request_errors(cfg)) == 2
     del _deployments(_app(cfg))["ModelDeployment"]["ray_actor_options"]
     del _deployments(_app(cfg))["SAEShard"]["ray_actor_options"]
@@ -786,3 +786,27 @@ def test_rayjob_entrypoint_flags_exist(name, job):
     assert out.returncode == 0, f"{module} --help failed:\n{out.stderr[-2000:]}"
     for flag in opts:
         assert flag in out.stdout, f"{name}: {module} does not document {flag}:\n{out.stdout}"
+
+
+def serving_mode_errors(doc: dict) -> list[str]:
+    """HAProxy ingress on every Ray pod; throughput-optimised Serve in the replicas only (the app's runtime_env),
+    never on a pod, where RayJob drivers run and would lose synchronous handle calls."""
+    errors = []
+    for name, c in _ray_containers(doc):
+        env = {e["name"]: e.get("value") for e in c.get("env") or []}
+        if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+            errors.append(f"{name}: no RAY_SERVE_ENABLE_HA_PROXY=1")
+        if "RAY_SERVE_THROUGHPUT_OPTIMIZED" in env:
+            errors.append(f"{name}: RAY_SERVE_THROUGHPUT_OPTIMIZED on the pod (drivers there would lose .result())")
+    for app in _serve_config_v2(doc).get("applications", []):
+        if ((app.get("runtime_env") or {}).get("env_vars") or {}).get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
+            errors.append(f"application {app.get('name')}: no RAY_SERVE_THROUGHPUT_OPTIMIZED in its runtime_env")
+    return errors
+
+
+@pytest.mark.parametrize("name,doc", _rayservices(), ids=lambda v: v if isinstance(v, str) else None)
+def test_rayservice_serving_mode(name, doc):
+    assert serving_mode_errors(doc) == []
+    broken = copy.deepcopy(doc)
+    _ray_containers(broken)[0][1]["env"] = []
+    assert serving_mode_errors(broken)  # the check can fail

@@ -96,7 +96,8 @@ def test_cli_gpu_flags():
 
     p = build_parser()
     a = args_from_flags(p.parse_args(["--device", "cuda", "--num_gpus", "0.5", "--sae-num-gpus", "0.2"]), p)
-    assert (a.device, a.num_gpus, a.model_num_gpus, a.sae_num_gpus) == ("cuda", 0.5, None, 0.2)
+    r = a.resources
+    assert (r.device, r.num_gpus, r.model_num_gpus, r.sae_num_gpus) == ("cuda", 0.5, None, 0.2)
     with pytest.raises(SystemExit) as e:
         args_from_flags(p.parse_args(["--device", "cpu", "--num_gpus", "1"]), p)
     assert e.value.code == 2

@@ -278,10 +278,10 @@ def test_config_file_forms_and_paths(tmp_path, arch_config):
     from ingress.args import AppArgs
 
     a = AppArgs(sae_config=str(p))
-    assert a.model == cfg["model"] and a.served_model_id == "my-lm"
+    assert a.model.name == cfg["model"] and a.served_model_id == "my-lm"
     b = AppArgs(sae_config=str(p), model="models/demo-lm", model_id="other")
     assert b.served_model_id == "other"
-    assert AppArgs.model_validate(a.model_dump()).model == a.model
+    assert AppArgs.model_validate(a.model_dump()).model == a.model  # nested sections round-trip
 
 
 def test_demo_pack_still_resolves_and_loads():

@@ -206,3 +206,44 @@ def test_schema_violations_fail_before_the_call():
 def test_service_still_answers_after_errors(handle):
     got = handle.activation_all.remote(ok_all).result(timeout_s=60)
     assert len(got.activations) == 3
+
+
+DRIVER = r"""
+import asyncio, json, sys
+import ray
+from ray import serve
+from ingress import schemas as S
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+h = serve.get_app_handle("saeserve")
+req = S.ActivationAllRequest.model_validate_json(sys.argv[2])
+got_sync = h.activation_all.remote(req).result(timeout_s=120)
+
+async def main():
+    return await h.activation_all.remote(req)
+
+got_await = asyncio.run(main())
+dump = lambda m: m.model_dump(mode="json", by_alias=True, exclude_none=True)
+print("RESULT " + json.dumps({"sync": dump(got_sync), "await": dump(got_await)}))
+"""
+
+
+def test_handles_from_a_separate_driver(ray_session, serve_app, http):
+    """What a Ray job does: its own driver process on the service's cluster, ``.result()`` and ``await`` (with the
+    cluster's environment: throughput-optimised Serve lives in the replicas only, so both work there)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    req = S.ActivationAllRequest(prompt=TEXT, num_results=6, **ALL)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env
+    proc = subprocess.run([sys.executable, "-c", DRIVER, ray_session.get_runtime_context().gcs_address, req.model_dump_json()],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    want = http.post("/v1/activation/all", json=wire(req)).json()
+    assert_same(out["sync"], want)
+    assert_same(out["await"], want)
