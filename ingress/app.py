@@ -33,7 +33,7 @@ from .backend import Backend
 from .endpoints import ENDPOINTS, Endpoint, route_paths
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .handlers import Handlers
-from .limits import LimitsMiddleware
+from .limits import BodyMiddleware, LimitsMiddleware
 
 log = logging.getLogger("saeserve.ingress")
 
@@ -45,6 +45,7 @@ app = FastAPI(
     version="0.1.0",
 )
 install_error_handlers(app)
+app.add_middleware(BodyMiddleware)  # innermost: the body read whole and counted (413), after auth
 app.add_middleware(AuthMiddleware)
 app.add_middleware(LimitsMiddleware)  # outermost: size and time limits wrap everything, auth included
 

@@ -255,6 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = args_from_flags(ns, parser)
     if ns.ray_address == "local":  # before Ray Serve is imported: it reads the setting then, as the Ray it starts does
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ns.http_proxy == "haproxy" else "0"
+        from .header_timeout import ray_env
+
+        os.environ.update(ray_env())  # slow request headers get a 408 (either proxy)
     app, specs = _build(args, parser)
     _setup_logging()
     log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))
