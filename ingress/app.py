@@ -130,8 +130,9 @@ def build_app(args: AppArgs) -> Application:
 
     model = deployment(ModelDeployment).bind(model_path, args.device, args.model_dtype, args.override_model_id,
                                              args.capture_batch_size, args.capture_batch_wait_s,
-                                             generate_batch_rows=args.generate_batch_rows,
-                                             generate_batch_wait_s=args.generate_batch_wait_s, torch_threads=args.torch_threads,
+                                             generate_rows=args.generate_rows,
+                                             generate_positions=args.token_limit + args.max_completion_tokens,
+                                             generate_fixed_shapes=args.generate_fixed_shapes, torch_threads=args.torch_threads,
                                              burst_torch_threads=args.burst_torch_threads)
     shard = deployment(SAEShard).bind([s.to_dict() for s in specs], args.device, args.sae_dtype, args.max_loaded_saes,
                                       args.max_sae_bytes, args.encode_batch_size, args.encode_batch_wait_s,

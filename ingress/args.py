@@ -47,10 +47,13 @@ class AppArgs(BaseModel):
     max_sae_bytes: Optional[int] = Field(None, ge=1, description="Most bytes of SAE weights in one SAEShard replica (LRU); None = no byte cap")
     encode_batch_size: int = Field(16, ge=1, description="Most concurrent encodes for one SAE run as one batch")
     encode_batch_wait_s: float = Field(0.002, ge=0, description="How long an SAE encode waits to fill its batch")
-    generate_batch_rows: int = Field(16, ge=2, description="Rows (a steering request's STEERED and DEFAULT are two) decoded together in one generation wave")
-    generate_batch_wait_s: float = Field(
-        0.05, ge=0, description="How long a generation wave waits to collect requests; a wave runs to its end, so a "
-        "request that just misses it waits for the whole wave")
+    generate_rows: int = Field(
+        64, ge=4, description="Row slots for generation (a steering request's STEERED and DEFAULT are two rows); a request "
+        "joins the running batch at the next decode step while slots are free, and leaves it when it finishes")
+    generate_fixed_shapes: Optional[bool] = Field(
+        None, description="Decode all generate_rows slots every step and prefill prompts one at a time, so that a seeded "
+        "request's arithmetic never depends on what else runs; None = only where the startup check finds rows computed "
+        "in different batch shapes differ (a GPU)")
     torch_threads: Optional[int] = Field(
         None, ge=1, description="torch intra-op threads in each ModelDeployment and SAEShard replica (matters on CPU); "
         "None = Ray's default for the replica's num_cpus, which is 1 for a fractional CPU")
