@@ -114,15 +114,16 @@ def bench_join(model, rows: int, repeats: int) -> dict:
 
 
 def bench_steps(model, n_rows: int, new_tokens: int, repeats: int) -> dict:
+    """Paired trials, alternating engine and TransformerLens, so that load from elsewhere on the machine hits both:
+    the ratio is the median of the per-pair ratios."""
     reqs = [pair(model, i, new_tokens, temperature=0.0)[1] for i in range(n_rows)]
     vec = torch.as_tensor(steering_vector(model))
     n = max(len(r.tokens) for r in reqs)
     toks = torch.tensor([r.tokens + [r.tokens[-1]] * (n - len(r.tokens)) for r in reqs])  # same length: no padding
-    reqs = [GenerationRequest(tokens=t, max_new_tokens=new_tokens, stop_tokens=[]) for t in toks.tolist()]
     out = {}
     for steered in (False, True):
-        rows = [GenerationRequest(**{**r.__dict__, "steering": [SteerVector(HOOK, vec.numpy(), STRENGTH)] if steered else []})
-                for r in reqs]
+        steering = [SteerVector(HOOK, vec.numpy(), STRENGTH)] if steered else []
+        rows = [GenerationRequest(tokens=t, max_new_tokens=new_tokens, stop_tokens=[], steering=steering) for t in toks.tolist()]
         hooks = [(HOOK, lambda act, hook: act + STRENGTH * vec)] if steered else []
         ours, tl = [], []
         for _ in range(repeats):
@@ -137,10 +138,10 @@ def bench_steps(model, n_rows: int, new_tokens: int, repeats: int) -> dict:
                 model.generate(toks, max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False, verbose=False,
                                use_past_kv_cache=True)
             tl.append(time.perf_counter() - t0)
-        o, t = statistics.median(ours), statistics.median(tl)
         out["steered" if steered else "unsteered"] = {
-            "engine_steps_per_s": new_tokens / o, "transformer_lens_steps_per_s": new_tokens / t, "ratio": t / o,
-            "engine_s": ours, "transformer_lens_s": tl}
+            "engine_steps_per_s": new_tokens / statistics.median(ours),
+            "transformer_lens_steps_per_s": new_tokens / statistics.median(tl),
+            "ratio": statistics.median([t / o for t, o in zip(tl, ours)]), "engine_s": ours, "transformer_lens_s": tl}
     return {"rows": n_rows, "new_tokens": new_tokens, **out}
 
 

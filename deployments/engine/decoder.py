@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .errors import RequestError
 
 ROW_MULTIPLE = 4  # every matmul's row count is a multiple of this (engine.generate explains why)
+SPAN_MULTIPLE = 64  # attention reads a prefix of each slot whose length is a multiple of this
 
 
 class UnsupportedModel(RequestError):
@@ -104,12 +105,19 @@ class _Block:
         self.Hkv = W_K.shape[0]
         self.G = H // self.Hkv
         with torch.no_grad():
-            # One fused [d_model, (H + 2 Hkv) d_head] projection: TransformerLens keeps Q, K, V per head and
-            # re-lays them out on every forward pass; this copy is made once.
+            # Q, K and V in one matmul: TransformerLens keeps them per head and re-lays them out on every forward
+            # pass; this copy is made once. Without grouped heads, stacked [3, d_model, H d_head] for one bmm whose
+            # three outputs are each contiguous; with them, side by side [d_model, (H + 2 Hkv) d_head].
             flat = lambda W: W.permute(1, 0, 2).reshape(W.shape[1], -1)
-            self.W_qkv = torch.cat([flat(attn.W_Q), flat(W_K), flat(W_V)], dim=1).contiguous()
-            self.b_qkv = torch.cat([attn.b_Q.reshape(-1), b_K.reshape(-1), b_V.reshape(-1)]).contiguous()
-        self.split = [H * dh, self.Hkv * dh, self.Hkv * dh]
+            parts, biases = [flat(attn.W_Q), flat(W_K), flat(W_V)], [attn.b_Q.reshape(-1), b_K.reshape(-1), b_V.reshape(-1)]
+            self.stacked = self.Hkv == H
+            if self.stacked:
+                self.W_qkv = torch.stack(parts).contiguous()
+                self.b_qkv = torch.stack(biases)[:, None, :].contiguous()
+            else:
+                self.W_qkv = torch.cat(parts, dim=1).contiguous()
+                self.b_qkv = torch.cat(biases).contiguous()
+        self.q_end, self.k_end = H * dh, (H + self.Hkv) * dh
         self.W_O = attn.W_O.reshape(H * dh, -1)  # a view: [head, d_head, d_model] -> [(head d_head), d_model]
         self.b_O = attn.b_O
         self.scale = attn.attn_scale
@@ -139,7 +147,7 @@ class SlotDecoder:
         self.dtype = cfg.dtype
         self.device = model.embed.W_E.device
         self.n_ctx = cfg.n_ctx
-        self.L = round_up(min(n_positions, cfg.n_ctx), ROW_MULTIPLE)
+        self.L = round_up(min(n_positions, cfg.n_ctx), SPAN_MULTIPLE)
         self.n_positions = min(n_positions, cfg.n_ctx)
         self.blocks = [_Block(i, b, cfg) for i, b in enumerate(model.blocks)]
         self.d_head = cfg.d_head
@@ -211,6 +219,25 @@ class SlotDecoder:
         if self.kv is not None:
             kv[:, :, : self.n_slots] = self.kv
         self.kv, self.n_slots = kv, n
+        dh = self.d_head
+        # per layer: the cache [slot, kv_head, position, d_head] and its rows [*, d_head] (for the in-place writes)
+        self._layer_kv = [(kv[i, 0], kv[i, 1], kv[i, 0].view(-1, dh), kv[i, 1].view(-1, dh)) for i in range(len(self.blocks))]
+        self._read_views: dict = {}
+
+    def _reads(self, li: int, rows, span: int, B: int):
+        """Layer ``li``'s keys and values of slots ``rows``, first ``span`` positions, as [B * Hkv, span, d_head]:
+        views, kept per (slice, span), for the packed slots a decode step reads; a gather for an index."""
+        keys, values = self._layer_kv[li][:2]
+        if isinstance(rows, slice):
+            key = (rows.start, rows.stop, span)
+            views = self._read_views.get(key)
+            if views is None:
+                views = self._read_views[key] = [
+                    (k[rows, :, :span].reshape(B * self.Hkv, span, self.d_head),
+                     v[rows, :, :span].reshape(B * self.Hkv, span, self.d_head)) for k, v, _, _ in self._layer_kv]
+            return views[li]
+        return (keys[:, :, :span][rows].reshape(B * self.Hkv, span, self.d_head),
+                values[:, :, :span][rows].reshape(B * self.Hkv, span, self.d_head))
 
     def zero(self, slot: int, start: int = 0, end: Optional[int] = None) -> None:
         self.kv[:, :, slot, :, start:end] = 0
@@ -220,13 +247,23 @@ class SlotDecoder:
 
     # --- forward ----------------------------------------------------------------------------------------------
 
+    def span_for(self, n_positions: int) -> int:
+        """The attention span covering positions ``0..n_positions-1``: a multiple of SPAN_MULTIPLE, at most L."""
+        return min(self.L, round_up(max(n_positions, 1), SPAN_MULTIPLE))
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows, write_rows: torch.Tensor, steering=None,
                 steer_pos: Optional[torch.Tensor] = None, bad: Optional[torch.Tensor] = None,
-                last: Optional[torch.Tensor] = None) -> torch.Tensor:
+                last: Optional[torch.Tensor] = None, span: Optional[int] = None) -> torch.Tensor:
         """Run ``tokens [B, T]`` at ``positions [B, T]`` for the slots ``rows`` (slice or index, B of them; their
         index tensor ``write_rows``), writing their keys and values; float32 logits ``[B, vocab]`` at each row's
-        position ``last [B]`` (default the last). ``bad [B]`` collects non-finite steering (see SlotSteering)."""
+        position ``last [B]`` (default the last). ``bad [B]`` collects non-finite steering (see SlotSteering).
+
+        Attention reads the first ``span`` positions of each slot (default all; it must cover every position in
+        ``positions``). A row's positions past its own are masked to weight exactly 0, so a longer span only adds
+        exact zeros at the end of its softmax and ``pattern @ v`` sums, in whole multiples of SPAN_MULTIPLE: the
+        same result (the engine's startup check covers it)."""
+        span = self.L if span is None else span
         B, T = tokens.shape
         hooks = steering.active_hooks if steering is not None else ()
         if bad is None:
@@ -249,7 +286,7 @@ class SlotDecoder:
         masks = {}
         for li, b in enumerate(self.blocks):
             if b.local not in masks:
-                masks[b.local] = self._mask(b, positions)
+                masks[b.local] = self._mask(b, positions, span)
             resid = self._block(li, b, resid, pos_c, rows, where_kv, masks[b.local], hook)
         if last is None:
             last = torch.full((B,), T - 1, dtype=torch.long, device=self.device)
@@ -291,13 +328,14 @@ class SlotDecoder:
             return x * n.w
         return x
 
-    def _mask(self, b: _Block, positions: torch.Tensor) -> torch.Tensor:
+    def _mask(self, b: _Block, positions: torch.Tensor, span: int) -> torch.Tensor:
         """Each (row, query) may attend to its slot's keys at positions <= its own (and within the window of a
         local layer). Additive (0 / -inf) and laid out [B * Hkv, G * T, L] for ``baddbmm``, or boolean
         [B, 1, 1, T, L] for a soft-capped layer, which masks after the cap."""
-        allowed = self.key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        keys = self.key_pos[:span]
+        allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, span]
         if b.local:
-            allowed = allowed & (self.key_pos[None, None, :] > positions[:, :, None] - b.window)
+            allowed = allowed & (keys[None, None, :] > positions[:, :, None] - b.window)
         if b.softcap is not None:
             return allowed[:, None, None]
         B, T, L = allowed.shape
@@ -361,7 +399,12 @@ class SlotDecoder:
         p = b.p + "attn."
         B, T, dm = x.shape
         H, dh, Hkv, G = self.cfg.n_heads, self.d_head, b.Hkv, b.G
-        q, k, v = torch.addmm(b.b_qkv, x.reshape(B * T, dm), b.W_qkv).split(b.split, dim=-1)
+        x2 = x.reshape(B * T, dm)
+        if b.stacked:
+            q, k, v = torch.baddbmm(b.b_qkv, x2.expand(3, B * T, dm), b.W_qkv)
+        else:
+            qkv = torch.addmm(b.b_qkv, x2, b.W_qkv)
+            q, k, v = qkv[:, : b.q_end], qkv[:, b.q_end: b.k_end], qkv[:, b.k_end:]
         q = hook(p + "hook_q", q.reshape(B, T, H, dh))
         k = hook(p + "hook_k", k.reshape(B, T, Hkv, dh))
         v = hook(p + "hook_v", v.reshape(B, T, Hkv, dh))
@@ -372,12 +415,16 @@ class SlotDecoder:
         if b.rotary:
             q = hook(p + "hook_rot_q", self._rotate(b, q, pos_c))
             k = hook(p + "hook_rot_k", self._rotate(b, k, pos_c))
-        L = self.L
-        keys, values = self.kv[li, 0], self.kv[li, 1]  # [slot, kv_head, position, d_head]
+        L = mask.shape[-1]  # the span
+        _, _, key_rows, value_rows = self._layer_kv[li]
         # in place: this step's keys and values at each row's own positions (rows never share a slot position)
-        keys.view(-1, dh).index_copy_(0, where_kv, k.permute(0, 2, 1, 3).reshape(-1, dh))
-        values.view(-1, dh).index_copy_(0, where_kv, v.permute(0, 2, 1, 3).reshape(-1, dh))
-        K, V = keys[rows].view(B * Hkv, L, dh), values[rows].view(B * Hkv, L, dh)
+        if T == 1:
+            key_rows.index_copy_(0, where_kv, k.reshape(-1, dh))
+            value_rows.index_copy_(0, where_kv, v.reshape(-1, dh))
+        else:
+            key_rows.index_copy_(0, where_kv, k.permute(0, 2, 1, 3).reshape(-1, dh))
+            value_rows.index_copy_(0, where_kv, v.permute(0, 2, 1, 3).reshape(-1, dh))
+        K, V = self._reads(li, rows, L, B)
         qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
         if b.softcap is None:  # scale, mask and q.k in one op (the mask adds 0 or -inf)
             scores = torch.baddbmm(mask, qh, K.transpose(1, 2), alpha=1.0 / b.scale)

@@ -191,6 +191,16 @@ class GenerationEngine:
     def idle(self) -> bool:
         return not self.rows
 
+    def reset(self) -> None:
+        """Drop every row (after a failure that is not one row's): their slots are zeroed and free again."""
+        running = self.running()
+        for row in running:
+            row.done = row.done or "failed"
+        self._release(running, failed=True)
+        self.queue.clear()
+        self.rows.clear()
+        self.stats["active_rows"] = self.stats["pending_rows"] = 0
+
     def running(self) -> list[_Row]:
         return [r for r in self.slots if r is not None]
 
@@ -466,8 +476,9 @@ class GenerationEngine:
         last = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
         positions = torch.arange(nq, device=dev).expand(len(rows), nq)
         bad = torch.zeros(len(rows), dtype=torch.long, device=dev)
+        span = self.decoder.L if self.fixed else self.decoder.span_for(nq)
         logits = self.decoder.forward(toks.to(dev), positions, slots, slots, self.steering,
-                                      None if where is None else where.to(dev), bad, last)
+                                      None if where is None else where.to(dev), bad, last, span)
         out = self._choose(logits, slots, slots, [r.slot for r in rows], bad)
         self.pos[slots] = torch.tensor(lengths, dtype=torch.long, device=dev)
         for r in rows:
@@ -503,7 +514,9 @@ class GenerationEngine:
         if self._n["no_steer"]:
             where = ~self.no_steer[idx, tok][:, None]
         bad = torch.zeros(idx.shape[0], dtype=torch.long, device=self.device)
-        logits = self.decoder.forward(tok[:, None], pos[:, None], rows, idx, self.steering, where, bad)
+        # the longest row's next position decides how much of each slot attention reads (exact zeros beyond a row's own)
+        span = self.decoder.L if self.fixed else self.decoder.span_for(max(len(r.req.tokens) + r.generated for r in real))
+        logits = self.decoder.forward(tok[:, None], pos[:, None], rows, idx, self.steering, where, bad, span=span)
         out = self._choose(logits, rows, idx, slots, bad, active=act)
         self.pos[rows] = pos + act.long()
         self.stats["decode_steps"] += 1
@@ -622,14 +635,16 @@ class GenerationEngine:
             nxt = together.argmax(-1)
             pos = torch.tensor(lengths, device=dev)
 
-            def decode(ids: list[int]) -> torch.Tensor:
+            def decode(ids: list[int], span: Optional[int] = None) -> torch.Tensor:
                 idx = torch.tensor(ids, dtype=torch.long, device=dev)
-                return self.decoder.forward(nxt[idx][:, None], pos[idx][:, None], idx, idx)
+                return self.decoder.forward(nxt[idx][:, None], pos[idx][:, None], idx, idx, span=span)
 
-            full = decode(list(range(n_rows)))
-            for ids in ([0, 1, 2, 3], [7, 2, 5, 0], list(range(ROW_MULTIPLE, 2 * ROW_MULTIPLE)) + [1, 9, 3, 4]):
+            full = decode(list(range(n_rows)))  # over each slot's whole length
+            short = self.decoder.span_for(max(lengths) + 1)  # over the shortest span that covers these rows
+            for ids, span in (([0, 1, 2, 3], None), ([7, 2, 5, 0], short),
+                              (list(range(ROW_MULTIPLE, 2 * ROW_MULTIPLE)) + [1, 9, 3, 4], short)):
                 ids = [i % n_rows for i in ids]
-                ok = ok and torch.equal(decode(ids), full[torch.tensor(ids)])
+                ok = ok and torch.equal(decode(ids, span), full[torch.tensor(ids)])
         finally:
             for s in range(n_rows):
                 self.decoder.zero(s)
@@ -781,8 +796,7 @@ class GenerationScheduler:
                 for sub in {*self._live.values(), *new}:
                     sub._close(e)
                 self._live.clear()
-                self.engine = GenerationEngine(self.engine.model, capacity=self.engine.capacity,
-                                               max_len=self.engine.max_len, fixed_shapes=self.engine.fixed)
+                await self._compute(self.engine.reset)
                 continue
             for sub in new:
                 for j, rid in enumerate(sub.row_ids):

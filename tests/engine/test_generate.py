@@ -140,6 +140,17 @@ def test_rows_joining_mid_flight_equal_rows_alone_exactly(model, vec):
         same_events(alone, got[i])
 
 
+def test_a_long_row_widening_the_attention_span_changes_no_other_row(model, vec):
+    """A 60-token prompt pushes the batch's attention span from 64 to 128 positions mid-flight: the short rows
+    (whose own span stays 64 alone) keep bit-identical tokens and logprobs."""
+    reqs = mixed_requests(model, vec, n=4)
+    long = GenerationRequest(tokens=prompt(model, 58, 77), max_new_tokens=12, temperature=0.7, seed=3, n_logprobs=2,
+                             stop_tokens=[])
+    together = generate(model, [*reqs, long])
+    for r, ev in zip([*reqs, long], together):
+        same_events(generate(model, [r])[0], ev)
+
+
 def test_fixed_shapes_give_the_same_numbers_as_packed_rows(model, vec):
     """The fallback for devices whose kernels depend on the batch shape: same tokens and logprobs (on this CPU)."""
     reqs = mixed_requests(model, vec, n=5)

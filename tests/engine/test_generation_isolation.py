@@ -210,3 +210,31 @@ def test_a_failing_request_surfaces_from_its_own_stream_only(model):
         assert e is None
         assert_like_alone(model, req, got)
     assert stats["failed_rows"] == 1 and stats["active_rows"] == 0
+
+
+def test_the_scheduler_survives_a_step_that_fails_outright(model):
+    """A failure that is not one row's (here injected into the step itself) fails what is in flight, with that
+    error, and the next request is served as usual."""
+    normal = normal_rows(model, 2)
+
+    async def run():
+        sched = GenerationScheduler(model, max_rows=8)
+        real, calls = sched.engine.step, {"n": 0}
+
+        def step():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected step failure")
+            return real()
+
+        sched.engine.step = step
+        first = sched.submit([normal[0]])
+        with pytest.raises(RuntimeError, match="injected"):
+            async for _ in first:
+                pass
+        got = [e for events in [ev async for ev in sched.submit([normal[1]])] for e in events]
+        return got, sched.stats
+
+    got, stats = asyncio.run(run())
+    assert_like_alone(model, normal[1], got)
+    assert stats["active_rows"] == 0
