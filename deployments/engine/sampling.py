@@ -23,13 +23,14 @@ MASK32 = 0xFFFF_FFFF
 MIN_TEMPERATURE = 1e-30
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (16-bit halves of ``c``)."""
+def _mul32(x, c: int):
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (16-bit halves of ``c``); ``x`` an int64
+    tensor or a Python int."""
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
 
 
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
+def _fmix32(x):
     """MurmurHash3's 32-bit finaliser: a bijection on [0, 2**32) that mixes every input bit into every output bit."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x85EBCA6B)
@@ -40,8 +41,7 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 def seed_key(seed: int) -> int:
     """A row's 32-bit key from its (64-bit) seed, computed once when it joins."""
-    t = torch.tensor([seed & MASK32, (seed >> 32) & MASK32], dtype=torch.long)
-    return int(_fmix32((_fmix32(t[1:]) ^ t[:1]) + 0x9E3779B9 & MASK32)[0])
+    return _fmix32((_fmix32((seed >> 32) & MASK32) ^ (seed & MASK32)) + 0x9E3779B9 & MASK32)
 
 
 def uniform(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
