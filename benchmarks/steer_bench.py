@@ -44,6 +44,7 @@ from deployments.engine.steering import SteerVector  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_post"
 STRENGTH = 8.0
+MAX_LEN = [456]  # KV positions per row slot: the server's token_limit + max_completion_tokens (200 + 256)
 
 
 def steering_vector(model) -> np.ndarray:
@@ -81,13 +82,13 @@ def bench_join(model, rows: int, repeats: int) -> dict:
     short = pair(model, 999, 4)
 
     async def alone() -> float:
-        sched = GenerationScheduler(model, max_rows=rows)
+        sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0])
         t0 = time.perf_counter()
         await _consume(sched.submit(short))
         return time.perf_counter() - t0
 
     async def joining() -> tuple[float, dict]:
-        sched = GenerationScheduler(model, max_rows=rows)
+        sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0])
         longs = [sched.submit(pair(model, i, 110)) for i in range(6)]
         tasks = [asyncio.ensure_future(_consume(s)) for s in longs]
         while sched.stats["decode_steps"] < 10:  # the six are decoding
@@ -127,7 +128,7 @@ def bench_steps(model, n_rows: int, new_tokens: int, repeats: int) -> dict:
         hooks = [(HOOK, lambda act, hook: act + STRENGTH * vec)] if steered else []
         ours, tl = [], []
         for _ in range(repeats):
-            eng = GenerationEngine(model, capacity=n_rows)
+            eng = GenerationEngine(model, capacity=n_rows, max_len=MAX_LEN[0])
             eng.add(rows)
             t0 = time.perf_counter()
             while not eng.idle:
@@ -173,7 +174,7 @@ def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int
         reqs = [pair(model, i, new_tokens) for i in range(n_req)]
 
         async def go():
-            sched = GenerationScheduler(model, max_rows=rows)
+            sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0])
             queue = list(range(n_req))
             lat, outs = [], {}
 
@@ -192,7 +193,7 @@ def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int
         n_tok = sum(len(t) for o in outs.values() for t in o)
         # the promise: each request's text equals the same request alone (checked on a sample, to keep it short)
         sample = list(range(0, n_req, max(1, n_req // 4)))
-        alone_ok = all([tokens_of(ev) for ev in generate(model, reqs[i], capacity=rows)] == outs[i] for i in sample)
+        alone_ok = all([tokens_of(ev) for ev in generate(model, reqs[i], capacity=rows, max_len=MAX_LEN[0])] == outs[i] for i in sample)
         out[str(c)] = {"requests": n_req, "seconds": dt, "tokens": n_tok, "tokens_per_s": n_tok / dt,
                        "p50_ms": 1e3 * pct(lat, 50), "p90_ms": 1e3 * pct(lat, 90), "p99_ms": 1e3 * pct(lat, 99),
                        "mean_active_rows": st["mean_active_rows"], "slot_occupancy": st["slot_occupancy"],
@@ -214,9 +215,11 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
+    p.add_argument("--max-len", type=int, default=456, help="KV positions per row slot (capped by the model's n_ctx)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/steer-bench.json)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
+    MAX_LEN[0] = a.max_len
     if a.threads:
         torch.set_num_threads(a.threads)
     pack = Path(a.pack) if a.pack else Path(__file__).resolve().parents[1] / "models" / "demo-lm"

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .errors import RequestError
 
@@ -83,6 +82,7 @@ class _Norm:
         self.b = getattr(module, "b", None)
         if self.kind == "module":
             self.hook = None
+        self.centre = self.kind in ("LN", "LNPre")
 
 
 class _Block:
@@ -145,6 +145,7 @@ class SlotDecoder:
         self.model = model
         cfg = self.cfg = model.cfg
         self.dtype = cfg.dtype
+        self.low_precision = self.dtype not in (torch.float32, torch.float64)
         self.device = model.embed.W_E.device
         self.n_ctx = cfg.n_ctx
         self.L = round_up(min(n_positions, cfg.n_ctx), SPAN_MULTIPLE)
@@ -262,40 +263,49 @@ class SlotDecoder:
         Attention reads the first ``span`` positions of each slot (default all; it must cover every position in
         ``positions``). A row's positions past its own are masked to weight exactly 0, so a longer span only adds
         exact zeros at the end of its softmax and ``pattern @ v`` sums, in whole multiples of SPAN_MULTIPLE: the
-        same result (the engine's startup check covers it)."""
+        same result (the engine's startup check covers it).
+
+        The residual stream stays ``[B * T, d_model]`` throughout (per-position ops do not care), and is seen as
+        ``[B, T, ...]`` only by attention and by a hook that steers."""
         span = self.L if span is None else span
         B, T = tokens.shape
         hooks = steering.active_hooks if steering is not None else ()
         if bad is None:
             bad = torch.zeros(B, dtype=torch.long, device=self.device)
 
-        def hook(name: str, h: torch.Tensor, where: Optional[torch.Tensor] = steer_pos) -> torch.Tensor:
+        def hook(name: str, h: torch.Tensor, where: Optional[torch.Tensor] = steer_pos, n_pos: int = T) -> torch.Tensor:
             if name in hooks:
-                return steering.apply(name, h, rows, where, bad)
+                return steering.apply(name, h.view(h.shape[0] // n_pos, n_pos, -1), rows, where, bad).view(h.shape)
             return h
 
         pos_c = positions.clamp(max=self.n_ctx - 1)  # pad positions past the context only carry garbage
-        resid = hook("hook_embed", self.W_E[tokens])
+        flat_tokens, flat_pos = tokens.reshape(-1), pos_c.reshape(-1)
+        resid = hook("hook_embed", self.W_E[flat_tokens])
         if self.W_pos is not None:
-            resid = resid + hook("hook_pos_embed", self.W_pos[pos_c])
+            resid = resid + hook("hook_pos_embed", self.W_pos[flat_pos])
         # Where this step's keys and values go: [slot, kv_head, position] flattened, for every kv head of each
         # (row, position) pair -- one index shared by every layer's in-place write.
         Hkv, L = self.Hkv, self.L
         heads = torch.arange(Hkv, device=self.device)
-        where_kv = ((write_rows[:, None, None] * Hkv + heads[None, :, None]) * L + positions[:, None, :]).reshape(-1)
+        if T == 1:  # in (row, head) order: a decode step's keys are laid out so
+            where_kv = ((write_rows[:, None] * Hkv + heads[None, :]) * L + positions).reshape(-1)
+        else:  # in (row, head, position) order
+            where_kv = ((write_rows[:, None, None] * Hkv + heads[None, :, None]) * L + positions[:, None, :]).reshape(-1)
         masks = {}
+        ctx = (B, T, pos_c, rows, where_kv, hook)
         for li, b in enumerate(self.blocks):
             if b.local not in masks:
                 masks[b.local] = self._mask(b, positions, span)
-            resid = self._block(li, b, resid, pos_c, rows, where_kv, masks[b.local], hook)
-        if last is None:
-            last = torch.full((B,), T - 1, dtype=torch.long, device=self.device)
-        ar = torch.arange(B, device=self.device)
-        x = resid[ar, last][:, None, :]  # [B, 1, d_model]: only the positions we sample from
+            resid = self._block(li, b, resid, masks[b.local], ctx)
+        if T > 1 or last is not None:
+            if last is None:
+                last = torch.full((B,), T - 1, dtype=torch.long, device=self.device)
+            x = resid[torch.arange(B, device=self.device) * T + last]  # [B, d_model]: only the positions we sample from
+            where = None if steer_pos is None else steer_pos[torch.arange(B, device=self.device), last][:, None]
+        else:
+            x, where = resid, steer_pos
         if self.ln_final is not None:
-            where = None if steer_pos is None else steer_pos[ar, last][:, None]
-            x = self._norm(self.ln_final, x, lambda name, h: hook(name, h, where))
-        x = x[:, 0]
+            x = self._norm(self.ln_final, x, lambda name, h: hook(name, h, where, 1))
         pad = round_up(B, ROW_MULTIPLE) - B
         if pad:  # the unembed's row count a multiple of ROW_MULTIPLE too
             x = torch.cat([x, x[-1:].expand(pad, -1)])
@@ -313,11 +323,10 @@ class SlotDecoder:
             return x
         if n.kind == "module":
             return n.module(x)
-        low = self.dtype not in (torch.float32, torch.float64)
+        low = self.low_precision
         if low:
             x = x.to(torch.float32)
-        shape = x.shape[-1:]
-        x = F.layer_norm(x, shape, eps=n.eps) if n.kind in ("LN", "LNPre") else F.rms_norm(x, shape, eps=n.eps)
+        x = torch.layer_norm(x, x.shape[-1:], None, None, n.eps) if n.centre else torch.rms_norm(x, x.shape[-1:], None, n.eps)
         if n.hook:
             x = hook(n.hook, x)
         if low:
@@ -342,11 +351,12 @@ class SlotDecoder:
         add = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
         return add[:, None, None].expand(B, b.Hkv, b.G, T, L).reshape(B * b.Hkv, b.G * T, L)
 
-    def _block(self, li, b: _Block, resid, pos_c, rows, where_kv, mask, hook):
+    def _block(self, li, b: _Block, resid, mask, ctx):
         p = b.p
         cfg = self.cfg
+        hook = ctx[-1]
         resid = hook(p + "hook_resid_pre", resid)
-        attn_out = self._attention(li, b, self._norm(b.ln1, resid, hook), pos_c, rows, where_kv, mask, hook)
+        attn_out = self._attention(li, b, self._norm(b.ln1, resid, hook), mask, ctx)
         if b.ln1_post is not None:
             attn_out = self._norm(b.ln1_post, attn_out, hook)
         attn_out = hook(p + "hook_attn_out", attn_out)
@@ -354,29 +364,28 @@ class SlotDecoder:
             return hook(p + "hook_resid_post", resid + attn_out)
         if cfg.parallel_attn_mlp:
             mlp_in = hook(p + "hook_mlp_in", resid.clone()) if cfg.use_hook_mlp_in else resid
-            mlp_out = self._mlp(b, self._norm(b.ln2, mlp_in, hook), hook)
+            mlp_out = self._mlp(b, self._norm(b.ln2, mlp_in, hook), ctx)
             return hook(p + "hook_resid_post", resid + attn_out + mlp_out)
         mid = hook(p + "hook_resid_mid", resid + attn_out)
         mlp_in = hook(p + "hook_mlp_in", mid.clone()) if cfg.use_hook_mlp_in else mid
-        mlp_out = self._mlp(b, self._norm(b.ln2, mlp_in, hook), hook)
+        mlp_out = self._mlp(b, self._norm(b.ln2, mlp_in, hook), ctx)
         return hook(p + "hook_resid_post", mid + mlp_out)
 
-    def _mlp(self, b: _Block, x, hook):
+    def _mlp(self, b: _Block, x, ctx):
         p = b.p
-        B, T, dm = x.shape
+        B, T, hook = ctx[0], ctx[1], ctx[-1]
         if b.mlp_kind == "module":
-            out = b.mlp(x)
+            out = b.mlp(x.view(B, T, -1)).reshape(B * T, -1)
         else:
             m = b.mlp
-            x2 = x.reshape(B * T, dm)
             if b.mlp_kind == "mlp":
-                pre = hook(p + "mlp.hook_pre", torch.addmm(m.b_in, x2, m.W_in).view(B, T, -1))
+                pre = hook(p + "mlp.hook_pre", torch.addmm(m.b_in, x, m.W_in))
                 post = hook(p + "mlp.hook_post", m.act_fn(pre))
             else:
-                pre = hook(p + "mlp.hook_pre", torch.matmul(x2, m.W_gate).view(B, T, -1))
-                lin = hook(p + "mlp.hook_pre_linear", torch.matmul(x2, m.W_in).view(B, T, -1))
+                pre = hook(p + "mlp.hook_pre", torch.mm(x, m.W_gate))
+                lin = hook(p + "mlp.hook_pre_linear", torch.mm(x, m.W_in))
                 post = hook(p + "mlp.hook_post", m.act_fn(pre) * lin + m.b_in)
-            out = torch.addmm(m.b_out, post.reshape(B * T, -1), m.W_out).view(B, T, dm)
+            out = torch.addmm(m.b_out, post, m.W_out)
         if b.ln2_post is not None:
             out = self._norm(b.ln2_post, out, hook)
         return hook(p + "hook_mlp_out", out)
@@ -395,37 +404,37 @@ class SlotDecoder:
         sin = attn.rotary_sin[pos_c][:, :, None, :]
         return torch.cat([x_rot * cos + flip * sin, x_pass], dim=-1)
 
-    def _attention(self, li, b: _Block, x, pos_c, rows, where_kv, mask, hook):
+    def _attention(self, li, b: _Block, x, mask, ctx):
         p = b.p + "attn."
-        B, T, dm = x.shape
+        B, T, pos_c, rows, where_kv, hook = ctx
         H, dh, Hkv, G = self.cfg.n_heads, self.d_head, b.Hkv, b.G
-        x2 = x.reshape(B * T, dm)
+        N = B * T
         if b.stacked:
-            q, k, v = torch.baddbmm(b.b_qkv, x2.expand(3, B * T, dm), b.W_qkv)
+            q, k, v = torch.baddbmm(b.b_qkv, x.expand(3, N, x.shape[-1]), b.W_qkv)
         else:
-            qkv = torch.addmm(b.b_qkv, x2, b.W_qkv)
+            qkv = torch.addmm(b.b_qkv, x, b.W_qkv)
             q, k, v = qkv[:, : b.q_end], qkv[:, b.q_end: b.k_end], qkv[:, b.k_end:]
-        q = hook(p + "hook_q", q.reshape(B, T, H, dh))
-        k = hook(p + "hook_k", k.reshape(B, T, Hkv, dh))
-        v = hook(p + "hook_v", v.reshape(B, T, Hkv, dh))
+        # [B * T, heads * d_head]; hooks and norms see them per head
+        q, k, v = hook(p + "hook_q", q), hook(p + "hook_k", k), hook(p + "hook_v", v)
         if b.qk_norm is not None:
             qn, kn = b.qk_norm
-            q = qn(q.reshape(-1, dh)).reshape(q.shape)
-            k = kn(k.reshape(-1, dh)).reshape(k.shape)
+            q = qn(q.reshape(-1, dh)).reshape(N, -1)
+            k = kn(k.reshape(-1, dh)).reshape(N, -1)
         if b.rotary:
-            q = hook(p + "hook_rot_q", self._rotate(b, q, pos_c))
-            k = hook(p + "hook_rot_k", self._rotate(b, k, pos_c))
+            q = hook(p + "hook_rot_q", self._rotate(b, q.view(B, T, H, dh), pos_c).reshape(N, -1))
+            k = hook(p + "hook_rot_k", self._rotate(b, k.view(B, T, Hkv, dh), pos_c).reshape(N, -1))
         L = mask.shape[-1]  # the span
         _, _, key_rows, value_rows = self._layer_kv[li]
         # in place: this step's keys and values at each row's own positions (rows never share a slot position)
         if T == 1:
             key_rows.index_copy_(0, where_kv, k.reshape(-1, dh))
             value_rows.index_copy_(0, where_kv, v.reshape(-1, dh))
+            qh = q.reshape(B * Hkv, G, dh)
         else:
-            key_rows.index_copy_(0, where_kv, k.permute(0, 2, 1, 3).reshape(-1, dh))
-            value_rows.index_copy_(0, where_kv, v.permute(0, 2, 1, 3).reshape(-1, dh))
+            key_rows.index_copy_(0, where_kv, k.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
+            value_rows.index_copy_(0, where_kv, v.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
+            qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
         K, V = self._reads(li, rows, L, B)
-        qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
         if b.softcap is None:  # scale, mask and q.k in one op (the mask adds 0 or -inf)
             scores = torch.baddbmm(mask, qh, K.transpose(1, 2), alpha=1.0 / b.scale)
         else:
@@ -434,6 +443,10 @@ class SlotDecoder:
             scores = scores.view(B, Hkv, G, T, L).masked_fill(~mask, float("-inf")).view(B * Hkv, G * T, L)
         # every query sees at least its own key, so no row of the softmax is all -inf (no NaN to clean up)
         pattern = torch.softmax(scores, dim=-1)
-        z = torch.bmm(pattern, V).view(B, Hkv, G, T, dh).permute(0, 3, 1, 2, 4).reshape(B, T, H, dh)
+        z = torch.bmm(pattern, V)  # [B * Hkv, G * T, d_head]
+        if T == 1:
+            z = z.view(N, H * dh)
+        else:
+            z = z.view(B, Hkv, G, T, dh).permute(0, 3, 1, 2, 4).reshape(N, H * dh)
         z = hook(p + "hook_z", z)
-        return torch.addmm(b.b_O, z.reshape(B * T, H * dh), b.W_O).view(B, T, dm)
+        return torch.addmm(b.b_O, z, b.W_O)

@@ -31,6 +31,8 @@ ARCHS = {
     "qwen3": dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
                   gated_mlp=True, act_fn="silu", use_qk_norm=True),
     "attn-only": dict(attn_only=True, normalization_type="LNPre"),
+    "mixtral": dict(normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+                    gated_mlp=True, act_fn="silu", num_experts=4, experts_per_token=2),  # the MoE block as a module
 }
 
 
