@@ -56,7 +56,9 @@ DEFAULT_CAPACITY = 64
 
 
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """CUDA's OutOfMemoryError, or an allocator's message (CPU: "can't allocate memory")."""
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _after_oom(device) -> None:
