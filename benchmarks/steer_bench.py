@@ -216,7 +216,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
     p.add_argument("--max-len", type=int, default=456, help="KV positions per row slot (capped by the model's n_ctx)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/steer-bench.json)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/steer/steer-bench.json: not in "
+                   "results/, whose *.json benchmarks.report reads)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     MAX_LEN[0] = a.max_len
@@ -259,7 +260,7 @@ def main(argv=None) -> None:
                   f"{r['p90_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_active_rows']:.1f} | {r['equals_alone']} |")
         print()
     results["machine"]["loadavg_end"] = os.getloadavg()
-    out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / "steer-bench.json"
+    out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / "steer" / "steer-bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

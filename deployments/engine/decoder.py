@@ -52,7 +52,8 @@ def unsupported_reason(model) -> Optional[str]:
         return f"{type(model).__name__} is not a HookedTransformer"
     cfg = model.cfg
     flags = {
-        "positional_embedding_type " + str(cfg.positional_embedding_type): cfg.positional_embedding_type not in ("standard", "rotary"),
+        f"positional_embedding_type {cfg.positional_embedding_type}": cfg.positional_embedding_type not in ("standard",
+                                                                                                          "rotary"),
         "attention_dir " + str(cfg.attention_dir): cfg.attention_dir != "causal",
         "use_attn_in": cfg.use_attn_in, "use_split_qkv_input": cfg.use_split_qkv_input,
         "post-norm architecture": cfg.original_architecture in POST_NORM_ARCHITECTURES
@@ -101,7 +102,10 @@ class _Block:
         self.ln2_post = _Norm(block.ln2_post, None) if cfg.use_normalization_before_and_after and not cfg.attn_only else None
         H, dh = cfg.n_heads, cfg.d_head
         grouped = isinstance(attn, GroupedQueryAttention) and not cfg.ungroup_grouped_query_attention
-        W_K, b_K, W_V, b_V = (attn._W_K, attn._b_K, attn._W_V, attn._b_V) if grouped else (attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+        if grouped:  # the kv heads themselves, not TransformerLens's repeated view of them
+            W_K, b_K, W_V, b_V = attn._W_K, attn._b_K, attn._W_V, attn._b_V
+        else:
+            W_K, b_K, W_V, b_V = attn.W_K, attn.b_K, attn.W_V, attn.b_V
         self.Hkv = W_K.shape[0]
         self.G = H // self.Hkv
         with torch.no_grad():
@@ -222,7 +226,8 @@ class SlotDecoder:
         self.kv, self.n_slots = kv, n
         dh = self.d_head
         # per layer: the cache [slot, kv_head, position, d_head] and its rows [*, d_head] (for the in-place writes)
-        self._layer_kv = [(kv[i, 0], kv[i, 1], kv[i, 0].view(-1, dh), kv[i, 1].view(-1, dh)) for i in range(len(self.blocks))]
+        self._layer_kv = [(kv[i, 0], kv[i, 1], kv[i, 0].view(-1, dh), kv[i, 1].view(-1, dh))
+                          for i in range(len(self.blocks))]
         self._read_views: dict = {}
 
     def _reads(self, li: int, rows, span: int, B: int):
@@ -326,7 +331,10 @@ class SlotDecoder:
         low = self.low_precision
         if low:
             x = x.to(torch.float32)
-        x = torch.layer_norm(x, x.shape[-1:], None, None, n.eps) if n.centre else torch.rms_norm(x, x.shape[-1:], None, n.eps)
+        if n.centre:
+            x = torch.layer_norm(x, x.shape[-1:], None, None, n.eps)
+        else:
+            x = torch.rms_norm(x, x.shape[-1:], None, n.eps)
         if n.hook:
             x = hook(n.hook, x)
         if low:

@@ -144,7 +144,8 @@ class GenerationEngine:
             raise RequestError(f"n_completion_tokens must be at least 1, got {r.max_new_tokens}")
         if len(r.tokens) + r.max_new_tokens > self.max_len:
             raise RequestError(f"Prompt ({len(r.tokens)} tokens) + n_completion_tokens ({r.max_new_tokens}) is more than "
-                               f"the {self.max_len} positions a generation may use here; shorten the prompt or ask for fewer tokens")
+                               f"the {self.max_len} positions a generation may use here; shorten the prompt or ask for "
+                               "fewer tokens")
         if not (math.isfinite(r.temperature) and r.temperature >= 0):
             raise RequestError(f"temperature must be a finite number >= 0, got {r.temperature}")
         if not math.isfinite(r.freq_penalty):
@@ -404,7 +405,8 @@ class GenerationEngine:
         """Queued rows that get a slot now, a submission's rows all together, in arrival order."""
         admitted: list[_Row] = []
         while self.queue:
-            group = [r for r in self.queue if r.owner is self.queue[0].owner] if self.queue[0].owner is not None else [self.queue[0]]
+            head = self.queue[0]
+            group = [r for r in self.queue if r.owner is head.owner] if head.owner is not None else [head]
             free = self._free_slots()
             if len(free) < len(group):
                 used = self.n_slots - len(free)
@@ -430,14 +432,17 @@ class GenerationEngine:
         return admitted
 
     def _prefill(self, rows: list[_Row], res: StepResult) -> None:
-        chunks: list[list[_Row]] = []
+        chunks: list[list[_Row]] = []  # at most prefill_tokens padded positions each (one row each with fixed shapes)
+        widest = 0
         for row in rows:
             n4 = round_up(len(row.req.tokens), ROW_MULTIPLE)
             c = chunks[-1] if chunks else None
-            if c is None or self.fixed or (len(c) + 1) * max(n4, max(round_up(len(r.req.tokens), ROW_MULTIPLE) for r in c)) > self.prefill_tokens:
+            if c is None or self.fixed or (len(c) + 1) * max(widest, n4) > self.prefill_tokens:
                 chunks.append([row])
+                widest = n4
             else:
                 c.append(row)
+                widest = max(widest, n4)
         for c in chunks:
             self._run_isolated(c, self._prefill_chunk, res)
 

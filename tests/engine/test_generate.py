@@ -151,6 +151,19 @@ def test_a_long_row_widening_the_attention_span_changes_no_other_row(model, vec)
         same_events(generate(model, [r])[0], ev)
 
 
+def test_prompts_prefilled_in_several_chunks_equal_rows_alone(model, vec):
+    reqs = mixed_requests(model, vec, n=6)
+    eng = GenerationEngine(model, capacity=8, prefill_tokens=24)  # two or three prompts per prefill batch
+    ids = eng.add(reqs)
+    got = {i: [] for i in ids}
+    while not eng.idle:
+        for e in eng.step().events:
+            got[e.row].append(e)
+    assert eng.stats["prefill_batches"] >= 3
+    for r, i in zip(reqs, ids):
+        same_events(generate(model, [r])[0], got[i])
+
+
 def test_fixed_shapes_give_the_same_numbers_as_packed_rows(model, vec):
     """The fallback for devices whose kernels depend on the batch shape: same tokens and logprobs (on this CPU)."""
     reqs = mixed_requests(model, vec, n=5)
