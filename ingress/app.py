@@ -176,7 +176,8 @@ def build_app(args: AppArgs) -> Application:
                                       burst_torch_threads=b.burst_torch_threads)
     model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model.dtype, args.model.override,
                                              b.capture_batch_size, b.capture_batch_wait_s,
-                                             generate_batch_rows=b.generate_batch_rows,
-                                             generate_batch_wait_s=b.generate_batch_wait_s, torch_threads=b.torch_threads,
+                                             generate_rows=b.generate_rows,
+                                             generate_positions=args.limits.token_limit + args.limits.max_completion_tokens,
+                                             generate_fixed_shapes=b.generate_fixed_shapes, torch_threads=b.torch_threads,
                                              burst_torch_threads=b.burst_torch_threads, sae_shard=shard)
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

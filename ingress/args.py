@@ -81,10 +81,13 @@ class BatchingArgs(Section):
                                         "pass")
     encode_batch_size: int = Field(16, ge=1, description="Most prompts one SAE encodes in one matmul (a model batch's "
                                    "prompts for an SAE are encoded together, in chunks of this many)")
-    generate_batch_rows: int = Field(16, ge=2, description="Rows decoded together in one generation wave (a steering "
-                                     "request's STEERED and DEFAULT are two)")
-    generate_batch_wait_s: float = Field(0.05, ge=0, description="How long a generation wave waits to collect requests; a "
-                                         "wave runs to its end, so a request that just misses it waits for the whole wave")
+    generate_rows: int = Field(64, ge=4, description="Row slots for generation (a steering request's STEERED and DEFAULT "
+                               "are two rows); a request joins the running batch at the next decode step while slots are "
+                               "free, and leaves it when it finishes")
+    generate_fixed_shapes: Optional[bool] = Field(None, description="Decode all generate_rows slots every step and prefill "
+                                                  "prompts one at a time, so that a seeded request's arithmetic never "
+                                                  "depends on what else runs; none = only where the startup check finds "
+                                                  "rows computed in different batch shapes differ (a GPU)")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads in each ModelDeployment and "
                                          "SAEShard replica (matters on CPU); none = Ray's default for the replica's num_cpus, "
                                          "which is 1 for a fractional CPU")

@@ -70,7 +70,7 @@ def test_generation_steps_run_on_the_compute_thread_and_other_work_interleaves(r
         req = GenerationRequest(tokens=[1, 5, 9, 2], max_new_tokens=12, temperature=0.0, seed=0, stop_tokens=[])
 
         async def main():
-            sched = GenerationScheduler(model, max_rows=4, wait_s=0.0, run=run)
+            sched = GenerationScheduler(model, max_rows=4, run=run)
             sub = sched.submit([req])
             toks, other = [], None
             async for events in sub:
@@ -83,7 +83,7 @@ def test_generation_steps_run_on_the_compute_thread_and_other_work_interleaves(r
 
         toks = asyncio.run(main())
         assert step_threads == {c.call(threading.get_ident)}
-        assert toks == tokens_of(generate(model, [req], decode_rows=4)[0])  # same tokens as the direct call
+        assert toks == tokens_of(generate(model, [req])[0])  # same tokens as the direct call
         i = order.index("other")
         assert 0 < i < len(order) - 1  # it ran between decode steps
     finally:
