@@ -138,7 +138,7 @@ class ModelDeployment:
     async def _run_batch(self, _key, items: list) -> list:
         """The Batcher's step: the forward pass only. The SAE calls run in a task of their own, so the next batch's
         forward pass starts while this one's SAEs encode."""
-        captured = await self.compute.run(self._capture_items, items, light=len(items) == 1)
+        captured = await self.compute.run(self._capture_items, items, light="capture" if len(items) == 1 else False)
         fan_out = asyncio.ensure_future(self._fan_out(items, captured))
         return [(fan_out, i) for i in range(len(items))]
 

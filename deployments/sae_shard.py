@@ -262,7 +262,8 @@ class SAEShard:
                         saes[sae_id] = m
                         self.stats["requests"] += 1
                         self._metrics.hits.inc()
-                results = await self.compute.run(self._run_items, saes, batch.items, light=len(batch.items) == 1)
+                results = await self.compute.run(self._run_items, saes, batch.items,
+                                                 light="encode" if len(batch.items) == 1 else False)
         return P.ShardReply(results, self.replica_id)
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:

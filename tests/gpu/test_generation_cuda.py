@@ -1,6 +1,6 @@
 """Generation on a CUDA device: the engine's numbers against the CPU's, the fixed-shapes default, the seeded-request
 promise under load, bfloat16/float16, and failure isolation. Skipped where torch sees no CUDA device; run with
-``pytest -m gpu tests/engine/test_generation_cuda.py`` on a GPU machine."""
+``scripts/gpu_check.sh`` (pytest tests/gpu) on a GPU machine."""
 
 from __future__ import annotations
 
