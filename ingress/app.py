@@ -86,28 +86,32 @@ class SAEServeIngress:
         if ep.streams and getattr(req, "stream", False):
             area = getattr(handlers, ep.handler.split(".")[0])
             events = await area.stream(req)  # every 4xx is raised here, before the first byte
-            return StreamingResponse(_sse(events, dialect, snake), media_type=ep.stream_media, headers=SSE_HEADERS)
+            return StreamingResponse(_sse(events, dialect, snake, ep.stream_media), media_type=ep.stream_media,
+                                     headers=SSE_HEADERS)
         reply = await handlers.method(ep.handler)(req)
         # Serialised here, once: FastAPI would validate the reply against its model again first (the handlers built
         # it from that model), and its JSON encoder turns a NaN into a 500 where pydantic writes null.
         return Response(dialect.dump(reply, ep.exclude_none, snake), media_type="application/json")
 
 
-async def _sse(events: AsyncIterator, dialect: Dialect = V1, snake: bool = False) -> AsyncIterator[str]:
+async def _sse(events: AsyncIterator, dialect: Dialect = V1, snake: bool = False,
+               media: str = "text/event-stream") -> AsyncIterator[str]:
     """Each event is ``data: <the whole cumulative response as JSON>``; the last equals the non-streamed reply. A
     failure after the first event is an ``{"error": ...}`` event (with ``status``), never a silent end. An event
-    that is already a frame (``str``/``bytes``: the handler serialised it) goes out unchanged."""
+    that is already a frame (``str``/``bytes``: the handler serialised it) goes out unchanged. Any other media type
+    than SSE frames each event as one JSON line (NDJSON)."""
+    frame = (lambda text: f"data: {text}\n\n") if media == "text/event-stream" else (lambda text: text + "\n")
     try:
         async for response in events:
             if isinstance(response, (str, bytes)):
                 yield response
             else:
-                yield f"data: {dialect.dump(response, True, snake)}\n\n"
+                yield frame(dialect.dump(response, True, snake))
     except RequestError as e:
-        yield f"data: {json.dumps({'error': e.message, 'status': e.status})}\n\n"
+        yield frame(json.dumps({"error": e.message, "status": e.status}))
     except Exception:
         log.exception("stream failed")
-        yield f"data: {json.dumps({'error': 'Internal server error', 'status': 500})}\n\n"
+        yield frame(json.dumps({"error": "Internal server error", "status": 500}))
 
 
 def _handle_method(ep: Endpoint):

@@ -12,7 +12,7 @@ changes three things:
   fields carry camelCase aliases (``request_model``). Either casing is accepted, unknown keys are ignored, and
   the handler gets an instance of the very model it declares (the subclass adds aliases and the dialect's schema
   checks, nothing else).
-- Replies: dumped as in v1 (``model_dump_json``: one NaN policy, aliases), then each model's keys renamed
+- Replies: dumped as in v1 (aliases, no nulls where the endpoint says so), then each model's keys renamed
   (``Dialect.dump``). The renaming follows the reply's model classes, so keys that are data (the feature indices
   of ``activeFeatures``) are never touched.
 - Behaviour: the flags of ``Dialect``, which the handlers read (``Handler.dialect``).
@@ -29,7 +29,6 @@ The casing exceptions are declared here and in the endpoint table, never in hand
 
 from __future__ import annotations
 
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Callable, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic_core import to_json
 from pydantic.alias_generators import to_camel
 
 from . import schemas as S
@@ -99,11 +99,12 @@ class Dialect:
         return cls if snake or not self.camel else camel_model(cls)
 
     def dump(self, reply: BaseModel, exclude_none: bool = True, snake: bool = False) -> str:
-        """A reply (or one streamed event) as this dialect's JSON."""
-        text = reply.model_dump_json(by_alias=True, exclude_none=exclude_none)
+        """A reply (or one streamed event) as this dialect's JSON. Renamed on the Python dump and serialised by
+        pydantic's own encoder, so both dialects write the same numbers (a NaN or infinity as null)."""
         if snake or not self.camel:
-            return text
-        return json.dumps(rename(json.loads(text), type(reply)), ensure_ascii=False, separators=(",", ":"))
+            return reply.model_dump_json(by_alias=True, exclude_none=exclude_none)
+        data = rename(reply.model_dump(by_alias=True, exclude_none=exclude_none), type(reply))
+        return to_json(data, inf_nan_mode="null").decode()
 
     def checks_for(self, cls: type) -> dict[str, Check]:
         out: dict[str, Check] = {}

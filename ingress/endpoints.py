@@ -7,7 +7,9 @@ Adding an endpoint: its request/response models in ``schemas.py``, a handler met
 Dialects (``ingress.dialects``): an entry is served in each dialect it lists, at ``dialect.prefix + path``, by the
 same handler. ``dialects=BOTH`` also serves it to Neuronpedia's web app under ``/neuronpedia`` (camelCase bodies);
 ``reply_casing="snake"`` keeps its replies snake_case there too. A streamed reply's model events are serialised per
-dialect; events a handler yields already serialised (``str``/``bytes``, e.g. NDJSON lines) pass through unchanged.
+dialect (``stream_media``: SSE ``data:`` events, or one JSON line each for any other type); events a handler yields
+already serialised (``str``/``bytes``, e.g. NDJSON lines) pass through unchanged. A snake_case NDJSON stream served
+to both: ``Endpoint(..., streams=True, stream_media="application/x-ndjson", dialects=BOTH, reply_casing="snake")``.
 """
 
 from __future__ import annotations

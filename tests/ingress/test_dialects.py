@@ -120,3 +120,56 @@ def test_stream_frames_already_serialised_pass_through():
         assert got[:2] == lines
     assert asyncio.run(collect(NEURONPEDIA))[2] == 'data: {"tokens":[1],"tokenStrings":["a"],"prependBos":true}\n\n'
     assert asyncio.run(collect(NEURONPEDIA, snake=True))[2] == 'data: {"tokens":[1],"token_strings":["a"],"prepend_bos":true}\n\n'
+
+    async def ndjson():
+        return [x async for x in _sse(events(), NEURONPEDIA, True, "application/x-ndjson")]
+
+    assert asyncio.run(ndjson()) == [*lines, '{"tokens":[1],"token_strings":["a"],"prepend_bos":true}\n']
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_frame_in_its_own_framing():
+    from deployments.engine.errors import RequestError
+    from ingress.app import _sse
+
+    async def events():
+        yield '{"kind":"meta"}\n'
+        raise RequestError("Jacobian lens is not available for this model")
+
+    async def collect(media):
+        return [x async for x in _sse(events(), NEURONPEDIA, True, media)]
+
+    err = {"error": "Jacobian lens is not available for this model", "status": 400}
+    assert asyncio.run(collect("application/x-ndjson"))[1] == json.dumps(err) + "\n"
+    assert asyncio.run(collect("text/event-stream"))[1] == f"data: {json.dumps(err)}\n\n"
+
+
+def test_chat_without_a_template_is_a_400_in_the_2026_dialect(pack_dir):
+    """No ChatML fallback there: the tokenizer's own template or a 400 that says what to use instead. (The check runs
+    before any deployment is called: the handles here are never used.)"""
+    from transformers import PreTrainedTokenizerFast
+
+    from deployments import protocol as P
+    from deployments.engine.errors import RequestError
+    from ingress.args import AppArgs
+    from ingress.backend import Backend
+    from ingress.handlers import SteerHandler
+    from ingress.handlers.steer import without_reasoning
+
+    class Unused:
+        def options(self, **_):
+            return self
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(pack_dir / "model"))
+    tok.chat_template = None
+    backend = Backend(AppArgs(model=str(pack_dir)), [], Unused(), Unused())
+    backend.tokenizer, backend.info = tok, P.ModelInfo(n_layers=4, n_ctx=128, d_model=128, d_vocab=len(tok))
+    req = NEURONPEDIA.request_model(S.SteerCompletionChatPostRequest).model_validate({
+        "prompt": [{"role": "user", "content": "hi"}], "model": "demo-lm", "steerMethod": "SIMPLE_ADDITIVE",
+        "normalizeSteering": False, "types": ["DEFAULT"], "features": [], "nCompletionTokens": 2, "temperature": 0,
+        "strengthMultiplier": 1, "freqPenalty": 0, "seed": 0, "steerSpecialTokens": False})
+    with pytest.raises(RequestError, match="no chat template.*steer/completion"):
+        asyncio.run(SteerHandler(backend, NEURONPEDIA).prepare(req))
+    assert without_reasoning([{"role": "user", "content": "<think>x</think>keep"},
+                              {"role": "assistant", "content": "<think>a\nb</think> answer "},
+                              {"role": "assistant", "content": "<think>only</think>"}]) == [
+        {"role": "user", "content": "<think>x</think>keep"}, {"role": "assistant", "content": "answer"}]

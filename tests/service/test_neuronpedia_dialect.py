@@ -344,6 +344,11 @@ def test_chat_strips_earlier_reasoning(np_web):
     assert a["input"]["chatTemplate"] == thinking
 
 
+def test_assistant_axis_is_a_400(np_web):
+    r = np_web.post("/v1/steer/completion-chat", json=chat_body(isAssistantAxis=True))
+    assert r.status_code == 400 and "assistant axis" in r.json()["error"]
+
+
 def test_steer_features_empty_list_steers_nothing(np_web):
     got = call(np_web, "/v1/steer/completion", steer_body(features=[], types=["STEERED", "DEFAULT"]))
     assert got["outputs"][0]["output"] == got["outputs"][1]["output"]
