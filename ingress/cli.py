@@ -255,6 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = args_from_flags(ns, parser)
     if ns.ray_address == "local":  # before Ray Serve is imported: it reads the setting then, as the Ray it starts does
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ns.http_proxy == "haproxy" else "0"
+        if ns.http_proxy == "haproxy":
+            from . import haproxy_env
+
+            haproxy_env.isolate()  # its own files and side ports: another Ray's HAProxy on this machine stays apart
         from .header_timeout import ray_env
 
         os.environ.update(ray_env())  # slow request headers get a 408 (either proxy)
