@@ -1,6 +1,6 @@
 """A normal request's latency beside hostile traffic, against its latency alone (issue 15's measure; not a test).
 
-    python scripts/hostile_bench.py                      # starts the demo app here (Ray, Serve's Python proxy)
+    python scripts/hostile_bench.py                      # starts the demo app here (Ray, HAProxy in front)
     python scripts/hostile_bench.py --url http://127.0.0.1:8000 --secret $SECRET
     python scripts/hostile_bench.py --out benchmarks/hostile/hostile.json --samples 30
 
@@ -190,6 +190,10 @@ def start_app(http_proxy: str) -> tuple[str, str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if http_proxy == "haproxy" else "0"
+    if http_proxy == "haproxy":
+        from ingress import haproxy_env
+
+        haproxy_env.isolate()  # its own HAProxy files and side ports: another Ray's HAProxy here stays apart
     from ingress.header_timeout import ray_env
 
     os.environ.update(ray_env())
@@ -223,7 +227,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running app (default: start the demo app here)")
     p.add_argument("--secret", default=os.environ.get("SECRET"))
-    p.add_argument("--http-proxy", choices=("python", "haproxy"), default="python")
+    p.add_argument("--http-proxy", choices=("python", "haproxy"), default="haproxy", help="the proxy of the app started "
+                   "here (default: HAProxy, the default ingress)")
     p.add_argument("--samples", type=int, default=20, help="normal requests timed per phase")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", type=Path, help="write the figures as JSON here")

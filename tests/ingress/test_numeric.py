@@ -5,7 +5,6 @@ errors that stay cheap for hostile lists. Torch-free, no Ray."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -156,11 +155,11 @@ def test_odd_but_valid_text_passes(text):
 
 def test_a_million_bad_entries_are_one_cheap_error():
     body = {"prompt": "x", "model": "m", "vector": ["a"] * 1_000_000, "hook": "h"}
-    t0 = time.perf_counter()
     with pytest.raises(ValidationError) as e:
         S.ActivationSingleRequest.model_validate(body)
-    assert len(e.value.errors()) <= 2  # the first entry's, once per member of the number union
-    assert time.perf_counter() - t0 < 5  # not a bound on speed: without fail-fast this took 16 s and a GB
+    # The first entry's, once per member of the number union (without fail-fast: a million error objects, which took
+    # 16 s and a GB of the ingress to build).
+    assert len(e.value.errors()) <= 2
 
 
 def test_fail_fast_lists_publish_the_same_schema():

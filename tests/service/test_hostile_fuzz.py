@@ -22,6 +22,7 @@ STEER = {"model": MODEL_ID, "steer_method": "SIMPLE_ADDITIVE", "normalize_steeri
 ALL = {"model": MODEL_ID, "source_set": "res-demo", "selected_sources": ["0-res-demo"], "sort_by_token_indexes": [1],
        "ignore_bos": True, "num_results": 3, "feature_filter": [1, 2, 3]}
 VEC = [0.25] * 6 + [-0.5] * (D - 6)
+NP = "/neuronpedia"
 
 ROUTES = [
     ("/v1/tokenize", {"model": MODEL_ID, "text": "hello there", "prepend_bos": True}),
@@ -54,6 +55,14 @@ ROUTES = [
     ("/completion", {"prompt": "hi", "model": MODEL_ID, "secret": SECRET, "types": ["steered", "default"],
                      "features": [{"layer": "0-res-demo", "index": 3, "strength": 2}], "n_completion_tokens": 2,
                      "temperature": 0.5, "strength_multiplier": 1, "freq_penalty": 0, "seed": 2}),
+    # Neuronpedia's 2026 web-app dialect (camelCase bodies, its own limits) on the same handlers.
+    (NP + "/v1/activation/all", {"prompt": "the cat sat", "model": MODEL_ID, "selectedSources": ["0-res-demo"],
+                                 "sortByTokenIndexes": [1], "sourceSet": "res-demo", "ignoreBos": True, "numResults": 3}),
+    (NP + "/v1/steer/completion", {"types": ["STEERED", "DEFAULT"], "prompt": "the cat", "model": MODEL_ID,
+                                   "vectors": [{"hook": "blocks.0.hook_resid_post", "steeringVector": VEC, "strength": 2}],
+                                   "strengthMultiplier": 1, "nCompletionTokens": 2, "temperature": 0.5, "freqPenalty": 0.1,
+                                   "seed": 1, "steerMethod": "PROJECTION_CAP", "normalizeSteering": False, "stream": False,
+                                   "nLogprobs": 2}),
 ]
 
 # Raw JSON number literals (written as they are: Python's json module cannot write most of them).

@@ -264,6 +264,24 @@ def test_invalid_unicode_is_a_json_400_beside_normal_requests(http):
         assert_same_answer(a, r.json())
 
 
+def test_huge_texts_are_refused_before_tokenizing_beside_normal_requests(http):
+    """A text far past the token limit (3.5 MB, under max_body_bytes) is refused by the character bound derived from
+    token_limit, without tokenizing it; /health and the normal requests beside it are served as usual."""
+    big = "word " * 700_000
+    chat = {**STEER_F, "steer_special_tokens": True, "prompt": [{"role": "user", "content": big}]}
+    calls = [("/v1/tokenize", {"model": MODEL_ID, "text": big}), ("/v1/activation/all", {**ALL, "prompt": big}),
+             ("/v1/activation/topk-by-token", {**TOPK, "prompt": big}), ("/v1/steer/completion", {**STEER_F, "prompt": big}),
+             ("/v1/steer/completion-chat", chat)]
+    normal = [("/v1/activation/all", ALL), ("/v1/steer/completion", STEER_F)]
+    alone, under, hostile = beside_normal(http, normal, calls)
+    for r in hostile:
+        assert_refused(r, 400, "Text too long")
+    assert http.get("/health").status_code == 200
+    for a, r in zip(alone * 2, under):
+        assert r.status_code == 200, r.text
+        assert_same_answer(a, r.json())
+
+
 @pytest.mark.parametrize("text", ["he\x00llo", "\u200fmirror\u202e text\u202c", "\ufeffbom", "e\u0301\U0001F600"])
 def test_odd_valid_text_is_served(http, text):
     t = http.post("/v1/tokenize", json={"model": MODEL_ID, "text": text, "prepend_bos": False})
@@ -367,7 +385,10 @@ def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, floa
 
 
 def test_slow_headers_time_out_and_others_are_served(http, serve_app):
-    """Serve's proxy gets the header timeout from ingress.header_timeout (the test session sets it to 5 s)."""
+    """The HTTP proxy gets the header timeout from ingress.header_timeout (the test session sets it to 5 s): HAProxy
+    (the default) through scripts/haproxy_header_timeout.py, which answers with HAProxy's own HTML 408 page (HAProxy
+    2.8 ignores errorfile/http-error for a request whose headers never completed); Serve's Python proxy through the
+    uvicorn callback, with a JSON 408."""
     timeout = float(os.environ["SAESERVE_HEADER_TIMEOUT_S"])
     u = urlparse(serve_app)
     slow = [socket.create_connection((u.hostname, u.port)) for _ in range(8)]
@@ -389,4 +410,5 @@ def test_slow_headers_time_out_and_others_are_served(http, serve_app):
         assert closed_after < timeout + 30, "a connection with unfinished headers was never closed"
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.split()[1] == b"408", data[:200]
-        assert "not received within" in json.loads(body)["error"]
+        if b"application/json" in head.lower():  # the Python proxy's; HAProxy's page is its own HTML
+            assert "not received within" in json.loads(body)["error"]
