@@ -29,6 +29,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.compare import same_answer  # noqa: E402
+
 MODEL_ID = "demo-lm"
 D_MODEL = 128
 HOOK = "blocks.0.hook_resid_post"
@@ -171,7 +173,8 @@ def run(url: str, secret: str | None, samples: int, warmup: int) -> dict:
         time.sleep(1.0)  # the attack under way
         with client() as c:
             beside = timed_normal(c, samples)
-            same = all(c.post(path, json=body).json() == expected[path] for path, body in NORMAL)
+            # The same answer as before the attack: seeded steering exactly, activations up to float32 batch drift.
+            same = all(same_answer(expected[path], c.post(path, json=body).json()) for path, body in NORMAL)
         stop.set()
         for t in threads:
             t.join(120)
