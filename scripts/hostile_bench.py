@@ -4,7 +4,7 @@
     python scripts/hostile_bench.py --url http://127.0.0.1:8000 --secret $SECRET
     python scripts/hostile_bench.py --out benchmarks/hostile/hostile.json --samples 30
 
-For each hostile class, two hostile clients send that class in a closed loop while one normal client times its
+For each hostile class, ``--attackers`` hostile clients (default 1) send that class in a closed loop while one normal client times its
 requests one after another (activation/all and a seeded steer/completion, alternating); the same normal client is
 timed alone just before, so each ratio compares neighbouring measurements on the same (possibly shared) machine.
 Reported: medians (ms) and beside/alone ratios, and the statuses the hostile requests got. The goal is a ratio
@@ -142,7 +142,7 @@ def timed_normal(c: httpx.Client, n: int) -> list[float]:
     return out
 
 
-def run(url: str, secret: str | None, samples: int, warmup: int) -> dict:
+def run(url: str, secret: str | None, samples: int, warmup: int, attackers: int = 1) -> dict:
     headers = {"X-SECRET-KEY": secret} if secret else {}
     client = lambda: httpx.Client(base_url=url, headers=headers, timeout=120)  # noqa: E731
     with client() as c:
@@ -167,7 +167,7 @@ def run(url: str, secret: str | None, samples: int, warmup: int) -> dict:
                     statuses[s] = statuses.get(s, 0) + 1
                     i += 1
 
-        threads = [threading.Thread(target=attacker, daemon=True) for _ in range(2)]
+        threads = [threading.Thread(target=attacker, daemon=True) for _ in range(attackers)]
         for t in threads:
             t.start()
         time.sleep(1.0)  # the attack under way
@@ -184,8 +184,8 @@ def run(url: str, secret: str | None, samples: int, warmup: int) -> dict:
         results.append(row)
         print(f"{name:78s} alone {row['alone_p50_ms']:7.1f} ms  beside {row['beside_p50_ms']:7.1f} ms  "
               f"x{row['ratio']:.2f}  hostile {row['hostile_statuses']}  same answers: {same}", flush=True)
-    return {"url": url, "samples": samples, "load_average_end": list(os.getloadavg()), "cpus": os.cpu_count(),
-            "results": results}
+    return {"url": url, "samples": samples, "attackers": attackers, "load_average_end": list(os.getloadavg()),
+            "cpus": os.cpu_count(), "results": results}
 
 
 def start_app(http_proxy: str) -> tuple[str, str]:
@@ -234,10 +234,12 @@ def main() -> None:
                    "here (default: HAProxy, the default ingress)")
     p.add_argument("--samples", type=int, default=20, help="normal requests timed per phase")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--attackers", type=int, default=1, help="hostile clients, each sending its class in a closed loop "
+                   "(1: always one hostile request beside the normal one)")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     a = p.parse_args()
     url, secret = (a.url, a.secret) if a.url else start_app(a.http_proxy)
-    report = run(url, secret, a.samples, a.warmup)
+    report = run(url, secret, a.samples, a.warmup, a.attackers)
     report["http_proxy"] = a.http_proxy if not a.url else "given"
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
