@@ -15,10 +15,8 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# Request headers not complete within SAESERVE_HEADER_TIMEOUT_S (default 10) get a 408, with either HTTP proxy
-# (ingress/header_timeout.py).
-HEADER_TIMEOUT_ENV := RAY_SERVE_HAPROXY_BINARY_PATH="$(CURDIR)/scripts/haproxy_header_timeout.py" \
-	RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=ingress.header_timeout:install
+# Request headers not complete within SAESERVE_HEADER_TIMEOUT_S (default 10) get HAProxy's 408 (ingress/header_timeout.py).
+HEADER_TIMEOUT_ENV := RAY_SERVE_HAPROXY_BINARY_PATH="$(CURDIR)/scripts/haproxy_header_timeout.py"
 
 # Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
 # RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; README "Performance").

