@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv serve test
+.PHONY: venv serve test chromium
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,15 @@ venv: $(BIN)/.installed
 serve: venv
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run serve_config.yaml
 
-test: venv
+test: venv chromium
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
+
+# Debian's Chromium and ChromeDriver for the playground's browser test (tests/service/test_playground.py), if missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  echo "installing Debian's chromium and chromium-driver (the playground's browser test)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 # Rebuild the trained demo pack models/demo-lm from scratch (seeded; ~10 min on an idle CPU core) and its README section.
 .PHONY: demo-pack

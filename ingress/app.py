@@ -25,7 +25,7 @@ from ray.serve import Application
 from deployments.engine.errors import RequestError
 from deployments.specs import SAESpec
 
-from . import resources, state
+from . import examples, playground, resources, state
 from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import AuthMiddleware
@@ -56,6 +56,10 @@ async def health():
     except Exception:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
     return {"status": "healthy"}
+
+
+# The playground: a static HTML page, not a JSON endpoint (no handler, no handle method, not in the schema).
+app.add_api_route(playground.PATH, playground.page, methods=["GET"], include_in_schema=False, name="playground")
 
 
 class SAEServeIngress:
@@ -125,7 +129,7 @@ def _add_route(ep: Endpoint) -> None:
     route.__name__ = ep.name
     app.add_api_route(ep.path, route, methods=[ep.method], response_model=ep.response,
                       response_model_exclude_none=ep.exclude_none, responses=ERROR_RESPONSES, tags=list(ep.tags) or None,
-                      name=ep.name)
+                      name=ep.name, openapi_extra=examples.openapi_extra(ep.name))
 
 
 for _ep in ENDPOINTS:

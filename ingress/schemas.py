@@ -11,6 +11,8 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from deployments import steer_methods
+
 Number = Union[StrictFloat, StrictInt]
 
 
@@ -321,10 +323,9 @@ class SteerType(str, Enum):
     DEFAULT = "DEFAULT"
 
 
-class SteerMethod(str, Enum):
-    SIMPLE_ADDITIVE = "SIMPLE_ADDITIVE"
-    ORTHOGONAL_DECOMP = "ORTHOGONAL_DECOMP"
-    PROJECTION_CAP = "PROJECTION_CAP"
+# The wire enum of steer_method: one member per registered method (deployments.steer_methods), in its order.
+SteerMethod = Enum("SteerMethod", {m: m for m in steer_methods.METHODS}, type=str, module=__name__,
+                   qualname="SteerMethod")
 
 
 # --- steer/completion, steer/completion-chat ----------------------------------------------------------------
@@ -429,7 +430,7 @@ class LegacyCompletionRequest(Wire):
     strength_multiplier: Number = 1.0
     freq_penalty: Number = 0.0
     seed: Number = 0
-    steer_method: SteerMethod = SteerMethod.SIMPLE_ADDITIVE
+    steer_method: SteerMethod = SteerMethod(steer_methods.DEFAULT)
     normalize_steering: StrictBool = False
 
 
