@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")  # the service's default ingress (--serve-env ...=0 for Serve's proxy)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -382,6 +383,9 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
     os.environ.update(serve_env)  # before Ray is imported: Serve reads its settings from the environment at import
+    from ingress import haproxy_env
+
+    haproxy_env.isolate()  # apart from any other Ray with HAProxy on this machine (a test run, make serve)
 
     shape = SHAPES[a.shape]
     dtype = a.dtype or shape.dtype

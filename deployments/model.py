@@ -21,6 +21,7 @@ from ray import serve
 
 from deployments import protocol as P
 from deployments.engine import features as F
+from deployments.engine.attention import sparse_pattern
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import ModelRunner
 from deployments.engine.compute import ComputeThread, burst_threads_for
@@ -109,6 +110,22 @@ class ModelDeployment:
         self._calls["capture"] += 1
         self._check(req.tokens, req.hooks)
         return await self._submit(req)
+
+    async def attention(self, req: P.AttentionRequest) -> P.AttentionPattern:
+        """One head's attention pattern in activation/attention's sparse form. The capture of the layer's
+        ``hook_pattern`` joins the forward passes of everything else; only the kept entries leave this replica."""
+        self._calls["attention"] += 1
+        hook = f"blocks.{req.layer}.attn.hook_pattern"
+        n_layers = self.runner.model.cfg.n_layers
+        if not 0 <= req.layer < n_layers:
+            raise RequestError(f"Invalid layer: {req.layer}. Must be in [0, {n_layers})")
+        self._check(req.tokens, [hook])
+        if req.head < 0:
+            raise RequestError(f"Invalid head: {req.head}. Heads count from 0")
+        pattern = (await self._submit(P.CaptureRequest(req.tokens, [hook])))[hook]  # [heads, seq, seq]
+        if req.head >= pattern.shape[0]:  # the ingress checks this first; a handle caller may not
+            raise RequestError(f"Invalid head: {req.head}. Must be in [0, {pattern.shape[0]})")
+        return await self.compute.run(sparse_pattern, pattern[req.head], light=True)
 
     def _check(self, tokens: list[int], hooks: list[str]) -> None:
         if not tokens:

@@ -68,6 +68,14 @@ class LimitArgs(Section):
     max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token's `top_k`")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
+    activation_token_limit: Optional[int] = Field(None, ge=1, description="Most tokens in one prompt of "
+                                                  "activation/attention and util/similarity-matrix-pred, and of every "
+                                                  "activation route in the /neuronpedia dialect; none = token_limit, "
+                                                  "never more than it")
+    neuronpedia_max_batch_prompts: int = Field(4, ge=1, description="/neuronpedia dialect: most prompts in one `*-batch` "
+                                               "or `activation/source` request (the 2026 server's cap); a request with "
+                                               "several prompts shares activation_token_limit among this many (each "
+                                               "prompt at most activation_token_limit / this)")
 
 
 class BatchingArgs(Section):

@@ -243,35 +243,6 @@ def serve_forever(args, app, host: str, port: int, ray_address: str = "local", r
         log.info("stopped")
 
 
-# HAProxy's stats and metrics listen on fixed ports (Ray Serve's defaults): a second service on this machine, or
-# another Ray with HAProxy, would make ours crash at start. Taken ones are moved to free ports.
-HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _haproxy_side_ports() -> None:
-    import socket
-
-    for var, default in HAPROXY_SIDE_PORTS.items():
-        port = int(os.environ.get(var, default))
-        if not _port_free(port):
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", 0))
-                free = s.getsockname()[1]
-            log.info("port %d (%s) is taken on this machine: HAProxy uses %d", port, var, free)
-            os.environ[var] = str(free)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -285,7 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.ray_address == "local":  # before Ray Serve is imported: it reads the setting then, as the Ray it starts does
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ns.http_proxy == "haproxy" else "0"
         if ns.http_proxy == "haproxy":
-            _haproxy_side_ports()
+            from . import haproxy_env
+
+            haproxy_env.isolate()  # its own files and side ports: another Ray's HAProxy on this machine stays apart
     app, specs = _build(args, parser)
     _setup_logging()
     log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))

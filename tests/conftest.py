@@ -24,10 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# HAProxy's stats and metrics ports are fixed by default: this session's Ray, the CLI tests' and the multinode
-# test's each need their own (another test run on the same machine too).
-for _var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-    os.environ.setdefault(_var, str(_free_port()))
+# HAProxy's files (config, admin socket) and stats/metrics ports are fixed by default: this session's Ray, the CLI
+# tests' and the multinode test's each need their own, as does another test run or benchmark on the same machine.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ingress import haproxy_env  # noqa: E402
+
+haproxy_env.isolate(force=True)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `tests.reference`, `scripts.*`

@@ -175,7 +175,8 @@ class ComputeThread:
         return work is not None and work >= self.min_burst_work_s
 
     def _record(self, kind: str, seconds: float, threads: int) -> None:
-        # CPU-seconds of work, roughly: wall time x threads (an over-estimate for a burst, which only errs to bursting)
+        # CPU-seconds of work: this thread's CPU time (not wall time, which other processes' load inflates) times
+        # the threads that shared it (about right for a burst's evenly split ops)
         work = seconds * threads
         old = self._work.get(kind)
         self._work[kind] = work if old is None else 0.7 * old + 0.3 * work
@@ -189,7 +190,7 @@ class ComputeThread:
         if lock is None:
             return fn()
         kind = light if isinstance(light, str) else "light"
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         if light and alone and self._worth_a_burst(kind) and lock.try_exclusive():
             import torch
 
@@ -200,16 +201,16 @@ class ComputeThread:
             finally:
                 torch.set_num_threads(self._narrow)
                 lock.release()
-                self._record(kind, time.perf_counter() - t0, self.burst_threads)
+                self._record(kind, time.thread_time() - t0, self.burst_threads)
         held = lock.shared()  # waits while another replica bursts
         try:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             return fn()
         finally:
             if held:
                 lock.release()
             if light:
-                self._record(kind, time.perf_counter() - t0, self._narrow)
+                self._record(kind, time.thread_time() - t0, self._narrow)
 
     def _unqueue(self) -> None:
         with self._count_lock:

@@ -4,6 +4,7 @@ endpoint (``ingress.endpoints`` names them)."""
 from __future__ import annotations
 
 from ..backend import Backend
+from ..dialects import V1, Dialect
 from .activation import ActivationHandler
 from .legacy import LegacyHandler
 from .steer import SteerHandler
@@ -11,10 +12,12 @@ from .util import UtilHandler
 
 
 class Handlers:
-    def __init__(self, backend: Backend, routes: list[str]):
-        self.activation = ActivationHandler(backend)
-        self.util = UtilHandler(backend, routes)
-        self.steer = SteerHandler(backend)
+    """One set per wire dialect (``ingress.dialects``): the same code, reading that dialect's behaviour flags."""
+
+    def __init__(self, backend: Backend, routes: list[str], dialect: Dialect = V1):
+        self.activation = ActivationHandler(backend, dialect)
+        self.util = UtilHandler(backend, routes, dialect)
+        self.steer = SteerHandler(backend, dialect)
         self.legacy = LegacyHandler(backend, self.activation, self.util, self.steer)
 
     def method(self, handler: str):

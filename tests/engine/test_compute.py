@@ -247,7 +247,9 @@ def test_only_kinds_of_task_heavy_enough_burst(lock_path):
     c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0.02)
 
     def heavy():
-        time.sleep(0.03)  # 30 ms of (wall) work on one thread
+        t = time.thread_time()
+        while time.thread_time() - t < 0.03:  # 30 ms of CPU work on this thread (waiting would not count)
+            pass
         return torch.get_num_threads()
 
     async def main():
