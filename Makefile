@@ -16,9 +16,12 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 # Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
-# RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; README "Performance").
+# RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; benchmarks/README.md).
+# The venv's bin first on PATH: the Ray that `serve run` starts passes it on, so a `ray job submit -- python ...`
+# runs the venv's python (tests/service/test_readme_commands.py runs the README's job that way).
+SERVE_CONFIG ?= serve_config.yaml
 serve: venv
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run serve_config.yaml
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run $(SERVE_CONFIG)
 
 test: venv chromium
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
@@ -30,7 +33,7 @@ chromium:
 	  echo "installing Debian's chromium and chromium-driver (the playground's browser test)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-# Rebuild the trained demo pack models/demo-lm from scratch (seeded; ~10 min on an idle CPU core) and its README section.
+# Rebuild the trained demo pack models/demo-lm from scratch (seeded; ~10 min on an idle CPU core) and its README section (models/demo-lm/README.md).
 .PHONY: demo-pack
 demo-pack: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m scripts.demo_pack.build

@@ -3,7 +3,7 @@ by ``make chromium`` when missing) loads the page from the session's app (auth o
 a typed prompt, a token's features, a feature's decoder neighbours and a streamed steer; each is checked against
 the same request sent over HTTP. Waits are on the page's own data-state attributes, never fixed sleeps.
 
-SAESERVE_PLAYGROUND_SCREENSHOT=docs/playground.png writes the screenshot the README shows.
+SAESERVE_PLAYGROUND_SCREENSHOT=docs/img/playground.png writes the screenshot the README shows.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ingress.examples import EXAMPLES
 from tests.compare import assert_same_ranking
 from tests.service.conftest import SECRET
 
@@ -89,10 +90,11 @@ def _console_errors(driver) -> list[dict]:
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def _api_per_token(http, prompt: str, sources: list[str], top_k: int) -> tuple[list[str], list[list[tuple]]]:
-    """The page's requests (topk-by-token, once per SAE of the set) sent over HTTP: tokens, and per token every
-    reported feature as ``((source, index), value)``, strongest first."""
-    per_token = None
+def _api_per_token(http, prompt: str, sources: list[str], top_k: int) -> tuple[list[str], dict[int, list[tuple]]]:
+    """The page's requests (topk-by-token, once per SAE of the set) sent over HTTP: the tokens (BOS left out, as
+    with ignore_bos), and per token position every reported feature as ``((source, index), value)``, strongest
+    first."""
+    per_token: dict[int, list[tuple]] = {}
     tokens = None
     for s in sources:
         r = http.post("/v1/activation/topk-by-token", json={"prompt": prompt, "model": "demo-lm", "source": s,
@@ -100,10 +102,10 @@ def _api_per_token(http, prompt: str, sources: list[str], top_k: int) -> tuple[l
         assert r.status_code == 200, r.text
         body = r.json()
         tokens = body["tokens"]
-        per_token = per_token or [[] for _ in tokens]
         for res in body["results"]:
-            per_token[res["token_position"]] += [((s, f["feature_index"]), f["activation_value"]) for f in res["top_features"]]
-    for fs in per_token:
+            per_token.setdefault(res["token_position"], []).extend(
+                ((s, f["feature_index"]), f["activation_value"]) for f in res["top_features"])
+    for fs in per_token.values():
         fs.sort(key=lambda f: -f[1])
     return tokens, per_token
 
@@ -121,6 +123,17 @@ def test_the_page_is_public_static_and_reaches_only_this_api(serve_app):
     called = set(re.findall(r'"(v1/[a-z/-]+)"', html))
     assert called and called <= {e.path.lstrip("/") for e in ENDPOINTS}, called
     assert httpx.get(f"{serve_app}/v1/capabilities", timeout=30).status_code == 401  # the API is not public
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_each_docs_example_is_answered(http, name):
+    """The request examples /docs offers ("Try it out") are answered 200 by the demo service, as they stand."""
+    from ingress.endpoints import ENDPOINTS
+
+    ep = next(e for e in ENDPOINTS if e.name == name)
+    body = {**EXAMPLES[name], **({"secret": SECRET} if "legacy" in ep.tags else {})}
+    r = http.post(ep.path, json=body)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.slow
@@ -152,16 +165,15 @@ def test_the_playground_in_chromium_renders_what_the_api_answers(browser, serve_
     top_k = int(_attr(d, "body", "data-top-k"))
     tokens, per_token = _api_per_token(http, PROMPT, sources, top_k)
     shown = d.execute_script("return [...document.querySelectorAll('#tokens .tok')].map(e => "
-                             "[e.querySelector('.t').textContent, e.dataset.source || null, Number(e.dataset.index), "
-                             "Number(e.dataset.value)])")
-    assert [t for t, *_ in shown] == tokens
-    assert len(tokens) > 5 and not per_token[0] and shown[0][1] is None  # BOS: ignore_bos, nothing to show
-    for pos in range(1, len(tokens)):
-        _, source, index, value = shown[pos]
+                             "[e.querySelector('.t').textContent, Number(e.dataset.pos), e.dataset.source || null, "
+                             "Number(e.dataset.index), Number(e.dataset.value)])")
+    assert [t for t, *_ in shown] == tokens and len(tokens) > 5
+    assert [p for _, p, *_ in shown] == sorted(per_token) == list(range(1, len(tokens) + 1))  # BOS (0) left out
+    for _, pos, source, index, value in shown:
         assert_same_ranking([((source, index), value)], per_token[pos][:1])
 
     # 3. a token's features across the SAEs (the strongest token of the prompt)
-    pos = max(range(1, len(tokens)), key=lambda p: per_token[p][0][1])
+    pos = max(per_token, key=lambda p: per_token[p][0][1])
     d.find_element(By.CSS_SELECTOR, f'#tokens .tok[data-pos="{pos}"]').click()
     _wait(d, "the token's features", lambda d: _attr(d, "#token-feature-table", "data-pos") == str(pos))
     n_shown = int(_attr(d, "body", "data-shown-features"))
@@ -206,15 +218,18 @@ def test_the_playground_in_chromium_renders_what_the_api_answers(browser, serve_
     shot = os.environ.get("SAESERVE_PLAYGROUND_SCREENSHOT")
     if shot:
         d.find_element(By.CSS_SELECTOR, f'#tokens .tok[data-pos="{pos}"]').click()  # keep a token selected
+        (REPO / shot).parent.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(str(REPO / shot))
 
 
 @pytest.mark.slow
 def test_a_secret_in_the_fragment_is_used_and_leaves_the_address_bar(browser, serve_app):
     d = browser
+    d.get("about:blank")  # a fresh load of the page each time, not a fragment change (the page handles those too)
     d.get(f"{serve_app}/#secret=wrong")
     _wait(d, "the refused-secret form", lambda d: "shown" in (_attr(d, "#secret-panel", "class") or ""))
     assert "refused" in d.execute_script("return document.getElementById('secret-why').textContent")
+    d.get("about:blank")
     d.get(f"{serve_app}/#secret={SECRET}")
     _wait(d, "the tokens", lambda d: _attr(d, "#tokens", "data-state") == "done")
     assert "#" not in d.current_url
