@@ -18,7 +18,7 @@ venv: $(BIN)/.installed
 # Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
 # RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; benchmarks/README.md).
 # The venv's bin first on PATH: the Ray that `serve run` starts passes it on, so a `ray job submit -- python ...`
-# runs the venv's python (tests/service/test_readme_commands.py runs the README's job that way).
+# runs the venv's python (tests/readme/test_readme_commands.py runs the README's job that way).
 SERVE_CONFIG ?= serve_config.yaml
 serve: venv
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run $(SERVE_CONFIG)
