@@ -11,14 +11,16 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from . import steer_methods
 from .engine.errors import Overloaded, RequestError
 
 # --- steering ---------------------------------------------------------------------------------------------
 
-SIMPLE_ADDITIVE = "SIMPLE_ADDITIVE"
-ORTHOGONAL_DECOMP = "ORTHOGONAL_DECOMP"
-PROJECTION_CAP = "PROJECTION_CAP"
-METHODS = (SIMPLE_ADDITIVE, ORTHOGONAL_DECOMP, PROJECTION_CAP)
+# The methods' names and properties are defined once, in steer_methods; the names are re-exported for the engine.
+METHODS = steer_methods.METHODS
+SIMPLE_ADDITIVE = steer_methods.SIMPLE_ADDITIVE
+ORTHOGONAL_DECOMP = steer_methods.ORTHOGONAL_DECOMP
+PROJECTION_CAP = steer_methods.PROJECTION_CAP
 
 
 @dataclass

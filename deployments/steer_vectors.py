@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from .engine.errors import RequestError
-from .protocol import METHODS, SIMPLE_ADDITIVE
+from .steer_methods import BY_NAME, METHODS
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -19,15 +19,16 @@ def prepare_vector(vector, coeff: float, method: str, normalize: bool, what: str
 
     Everything that would overflow or vanish in the float32 steering arithmetic is refused here, naming ``what``.
     """
-    if method not in METHODS:
+    if method not in BY_NAME:
         raise RequestError(f"Unknown steer_method {method!r}; use one of {list(METHODS)}")
+    projects = BY_NAME[method].needs_direction
     v = np.asarray(vector, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(v)):
         raise RequestError(f"{what} contains NaN or infinite values")
     if not math.isfinite(coeff):
         raise RequestError(f"{what}: strength x strength_multiplier must be finite, got {coeff}")
     norm = float(np.linalg.norm(v))
-    if normalize or method != SIMPLE_ADDITIVE:
+    if normalize or projects:
         if norm == 0.0 or not math.isfinite(norm):
             why = "normalize_steering" if normalize else method
             raise RequestError(f"{what} is the zero vector: it has no direction to {'normalise' if normalize else 'project on'} ({why})")
@@ -47,7 +48,7 @@ def check_steer_numbers(v: np.ndarray, coeff: float, method: str, what: str) -> 
         raise RequestError(f"{what}: strength x strength_multiplier is {coeff:g}, beyond float32 (max {FLOAT32_MAX:.3g}); "
                            "lower the strength")
     v64 = np.asarray(v, dtype=np.float64)
-    if method == SIMPLE_ADDITIVE:
+    if BY_NAME[method].adds_vector:
         if not np.all(np.abs(coeff * v64) <= FLOAT32_MAX):
             raise RequestError(f"{what}: strength x vector overflows float32; lower the strength")
     elif not np.any(v64 != 0.0):

@@ -29,7 +29,7 @@ from ray.serve import Application
 from deployments.engine.errors import RequestError
 from deployments.specs import SAESpec
 
-from . import resources, state
+from . import examples, playground, resources, state
 from . import schemas as S
 from .args import AppArgs, resolve_model_path
 from .auth import AuthMiddleware
@@ -62,6 +62,10 @@ async def health():
     except Exception:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
     return {"status": "healthy"}
+
+
+# The playground: a static HTML page, not a JSON endpoint (no handler, no handle method, not in the schema).
+app.add_api_route(playground.PATH, playground.page, methods=["GET"], include_in_schema=False, name="playground")
 
 
 class SAEServeIngress:
@@ -153,7 +157,8 @@ def _add_route(ep: Endpoint, dialect: Dialect) -> None:
     target.add_api_route(dialect.prefix + ep.path, route, methods=[ep.method],
                          response_model=dialect.reply_model(ep.response, ep.reply_casing == "snake"),
                          response_model_exclude_none=ep.exclude_none, responses=ERROR_RESPONSES,
-                         tags=list(ep.tags) or None, name=name)
+                         tags=list(ep.tags) or None, name=name,
+                         openapi_extra=examples.openapi_extra(ep.name) if dialect is V1 else None)
 
 
 def _add_dialect_docs(dialect: Dialect) -> None:

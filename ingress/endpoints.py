@@ -81,8 +81,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              handle=False, tags=("legacy",)),
 )
 
-# Routes that need no X-SECRET-KEY header (the legacy routes check the secret in their body themselves).
-PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+# Routes that need no X-SECRET-KEY header (the legacy routes check the secret in their body themselves). "/" is the
+# playground (ingress/playground): a static page with no data, whose API calls carry the secret.
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/",
                           *(d.prefix + p for d in DIALECTS if d.prefix for p in ("/docs", "/openapi.json"))})
 BODY_SECRET_PATHS = frozenset(e.path for e in ENDPOINTS if e.path.startswith("/") and "legacy" in e.tags)
 

@@ -15,6 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from pydantic import StrictStr as _StrictStr
 from pydantic_core import PydanticCustomError
 
+from deployments import steer_methods
+
 # Error types the ingress answers with 400 rather than FastAPI's 422 (ingress.errors): the JSON is well-formed and of
 # the right type, but the value cannot be used.
 INVALID_UNICODE = "invalid_unicode"
@@ -385,10 +387,9 @@ class SteerType(str, Enum):
     DEFAULT = "DEFAULT"
 
 
-class SteerMethod(str, Enum):
-    SIMPLE_ADDITIVE = "SIMPLE_ADDITIVE"
-    ORTHOGONAL_DECOMP = "ORTHOGONAL_DECOMP"
-    PROJECTION_CAP = "PROJECTION_CAP"
+# The wire enum of steer_method: one member per registered method (deployments.steer_methods), in its order.
+SteerMethod = Enum("SteerMethod", {m: m for m in steer_methods.METHODS}, type=str, module=__name__,
+                   qualname="SteerMethod")
 
 
 # --- steer/completion, steer/completion-chat ----------------------------------------------------------------
@@ -493,7 +494,7 @@ class LegacyCompletionRequest(Wire):
     strength_multiplier: Number = 1.0
     freq_penalty: Number = 0.0
     seed: Number = 0
-    steer_method: SteerMethod = SteerMethod.SIMPLE_ADDITIVE
+    steer_method: SteerMethod = SteerMethod(steer_methods.DEFAULT)
     normalize_steering: StrictBool = False
 
 

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..protocol import ORTHOGONAL_DECOMP, PROJECTION_CAP, SIMPLE_ADDITIVE, SteerVector
+from ..protocol import SteerVector
+from ..steer_methods import ORTHOGONAL_DECOMP, PROJECTION_CAP, SIMPLE_ADDITIVE, bind
 
 def _expand(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x.to(h.dtype).view(x.shape[0], *([1] * (h.dim() - 1)))
@@ -56,13 +57,15 @@ def projection_cap(h: torch.Tensor, v: torch.Tensor, coeff: torch.Tensor) -> tor
     return (x - excess * unit[:, None, :]).to(h.dtype)
 
 
-_FUNCS: dict[str, Callable] = {SIMPLE_ADDITIVE: additive, ORTHOGONAL_DECOMP: orthogonal_decomp, PROJECTION_CAP: projection_cap}
+# One function per registered method (deployments.steer_methods); bind fails at import if one is missing.
+FUNCTIONS: dict[str, Callable] = bind({SIMPLE_ADDITIVE: additive, ORTHOGONAL_DECOMP: orthogonal_decomp,
+                                       PROJECTION_CAP: projection_cap}, "engine.steering functions")
 
 
 def apply(h: torch.Tensor, method: str, v: torch.Tensor, coeff: torch.Tensor, active: Optional[torch.Tensor] = None,
           positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``h`` steered with ``method`` on the rows in ``active`` and the positions in ``positions``; the rest unchanged."""
-    out = _FUNCS[method](h, v, coeff)
+    out = FUNCTIONS[method](h, v, coeff)
     keep = None
     if active is not None:
         keep = active.view(-1, 1).expand(h.shape[0], h.shape[1])
@@ -75,7 +78,9 @@ def apply(h: torch.Tensor, method: str, v: torch.Tensor, coeff: torch.Tensor, ac
 
 # --- per-slot tables for the generation engine ------------------------------------------------------------------
 
-_CODE = {SIMPLE_ADDITIVE: 1, ORTHOGONAL_DECOMP: 2, PROJECTION_CAP: 3}
+# Each method's code in the slot tables (0 = no vector); SlotSteering.apply has one term per code.
+SLOT_CODES: dict[str, int] = bind({SIMPLE_ADDITIVE: 1, ORTHOGONAL_DECOMP: 2, PROJECTION_CAP: 3}, "engine.steering slot codes")
+_ADD, _ORTHO, _CAP = SLOT_CODES[SIMPLE_ADDITIVE], SLOT_CODES[ORTHOGONAL_DECOMP], SLOT_CODES[PROJECTION_CAP]
 
 
 class _Layer:
@@ -87,7 +92,7 @@ class _Layer:
         self.add = torch.zeros(n, d, dtype=torch.float32, device=device)
         self.unit = torch.zeros(n, d, dtype=torch.float32, device=device)
         self.coeff = torch.zeros(n, dtype=torch.float32, device=device)
-        self.users = [0, 0, 0, 0]  # slots per method code (host side: which terms a batch needs)
+        self.users = [0] * (len(SLOT_CODES) + 1)  # slots per method code (host side: which terms a batch needs)
 
     def tensors(self):
         return (self.code, self.add, self.unit, self.coeff)
@@ -143,9 +148,9 @@ class SlotSteering:
             while len(layers) <= k:
                 layers.append(_Layer(self.n, self.widths[sv.hook], self.device))
             layer = layers[k]
-            code = _CODE[sv.method]
+            code = SLOT_CODES[sv.method]
             v = np.asarray(sv.vector, dtype=np.float64).reshape(-1)
-            if code == 1:
+            if code == _ADD:
                 layer.add[slot] = torch.as_tensor((sv.coeff * v).astype(np.float32), device=self.device)
             else:  # the unit direction in float64: a tiny vector's |v|^2 would underflow in float32
                 layer.unit[slot] = torch.as_tensor((v / np.linalg.norm(v)).astype(np.float32), device=self.device)
@@ -195,12 +200,12 @@ class SlotSteering:
             code = layer.code[rows]
             on = code != 0
             delta = layer.add[rows][:, None, :]  # coeff * v on additive rows, 0 elsewhere
-            if layer.users[2] or layer.users[3]:
+            if layer.users[_ORTHO] or layer.users[_CAP]:
                 unit = layer.unit[rows][:, None, :]  # 0 on additive rows
                 c = layer.coeff[rows][:, None]
                 comp = (xf * unit).sum(-1)  # [batch, pos]: the component along the unit direction
-                g = torch.where(code[:, None] == 2, (c - 1) * comp,
-                                torch.where(code[:, None] == 3, -torch.clamp(comp - c, min=0), torch.zeros_like(comp)))
+                g = torch.where(code[:, None] == _ORTHO, (c - 1) * comp,
+                                torch.where(code[:, None] == _CAP, -torch.clamp(comp - c, min=0), torch.zeros_like(comp)))
                 delta = delta + g[..., None] * unit
             keep = on[:, None].expand(shape[0], shape[1])
             if positions is not None:

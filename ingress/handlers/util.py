@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deployments import protocol as P
+from deployments import steer_methods
 from deployments.checks import check_index
 from deployments.engine.errors import RequestError
 
@@ -13,6 +14,11 @@ from .numeric import direction, floats
 from .base import Handler
 
 MAX_COSSIM_RESULTS = 128  # the contract's cap on util/sae-topk-by-decoder-cossim's num_results
+
+
+def served_steer_methods(routes: list[str]) -> list[str]:
+    """What /v1/capabilities lists as ``steer_methods``: every registered method, where a steering route is served."""
+    return list(steer_methods.METHODS) if any(r.startswith("/v1/steer") for r in routes) else []
 
 
 class UtilHandler(Handler):
@@ -97,5 +103,5 @@ class UtilHandler(Handler):
                     "max_steer_types": len(S.SteerType), "max_body_bytes": a.limits.max_body_bytes,
                     "max_loaded_saes_per_replica": a.saes.max_loaded},
             routes=self.routes,
-            steer_methods=[m.value for m in S.SteerMethod] if any(r.startswith("/v1/steer") for r in self.routes) else [],
+            steer_methods=served_steer_methods(self.routes),
         )

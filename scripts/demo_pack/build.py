@@ -112,7 +112,7 @@ def stage_show(seed: int) -> None:
     from scripts.demo_pack.showcase import run_showcase
 
     _, test_docs = corpus_split(seed)
-    run_showcase(PACK, SET_NAME, test_docs, ROOT / "README.md", seed=seed)
+    run_showcase(PACK, SET_NAME, test_docs, PACK / "README.md", seed=seed)
 
 
 def main(argv=None) -> None:

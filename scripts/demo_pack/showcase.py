@@ -1,7 +1,7 @@
 """Find documented features in the trained pack, show their top contexts and a steering example.
 
 Writes ``models/demo-lm/features.json`` (machine-readable, read by tests/engine/test_demo_pack.py) and the
-README section between ``<!-- demo-pack:begin -->`` and ``<!-- demo-pack:end -->`` (or ``REPORT.md`` in the pack
+``models/demo-lm/README.md`` section between ``<!-- demo-pack:begin -->`` and ``<!-- demo-pack:end -->`` (or ``REPORT.md`` in the pack
 when the markers are missing).
 """
 
@@ -193,7 +193,7 @@ def render_markdown(feat: dict, pack: Path) -> str:
     cfg = lm["config"]
     size = sum(p.stat().st_size for p in pack.rglob("*") if p.is_file())
     L = [
-        "### The demo pack (`models/demo-lm`)",
+        "## What is in it (written by the pack build)",
         "",
         "A small model trained here, offline, so the API has something real to show. Rebuild it with "
         "`make demo-pack` (seeded, single-threaded for bit-reproducibility; about 10 minutes on an idle CPU core). This section is written by "

@@ -135,7 +135,7 @@ def assert_same(a, b):
 
 
 def test_every_ingress_method_is_covered():
-    """A new public method on the deployment (steering, ...) needs a case here and in the README."""
+    """A new public method on the deployment (steering, ...) needs a case here and a row in docs/python.md."""
     covered = {c[0] for c in OK_CASES} | {"capabilities"}
     public = {n for klass in ingress_class().__mro__ if klass.__module__ == "ingress.app"  # not Serve's ASGI wrapper
               for n, v in vars(klass).items() if not n.startswith("_") and asyncio.iscoroutinefunction(v)}
