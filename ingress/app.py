@@ -27,7 +27,7 @@ from deployments.specs import SAESpec
 
 from . import resources, state
 from . import schemas as S
-from .args import AppArgs, resolve_model_path
+from .args import AppArgs, resolve_jacobian_lens, resolve_model_path
 from .auth import AuthMiddleware
 from .backend import Backend
 from .endpoints import ENDPOINTS, Endpoint, route_paths
@@ -76,6 +76,8 @@ class SAEServeIngress:
         if ep.streams and getattr(req, "stream", False):
             area = getattr(self.handlers, ep.handler.split(".")[0])
             events = await area.stream(req)  # every 4xx is raised here, before the first byte
+            if ep.stream_format == "ndjson":  # lines already serialised by the handler, passed through as they are
+                return StreamingResponse(events, media_type="application/x-ndjson", headers=SSE_HEADERS)
             return StreamingResponse(_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
         reply = await self._call(ep, req)
         # Serialised here, once: FastAPI would validate the reply against its model again first (the handlers built
@@ -178,5 +180,6 @@ def build_app(args: AppArgs) -> Application:
                                              b.capture_batch_size, b.capture_batch_wait_s,
                                              generate_batch_rows=b.generate_batch_rows,
                                              generate_batch_wait_s=b.generate_batch_wait_s, torch_threads=b.torch_threads,
-                                             burst_torch_threads=b.burst_torch_threads, sae_shard=shard)
+                                             burst_torch_threads=b.burst_torch_threads, sae_shard=shard,
+                                             jacobian_lens=resolve_jacobian_lens(model_path, args.model.jacobian_lens))
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

@@ -22,6 +22,7 @@ class Endpoint:
     handler: str  # "<area>.<method>" of ingress.handlers.Handlers
     method: str = "POST"
     streams: bool = False  # answers text/event-stream when the request says ``stream: true`` (HTTP only)
+    stream_format: str = "sse"  # or "ndjson": the handler's stream yields the lines themselves
     handle: bool = True  # also a handle method (the legacy routes, with their secret in the body, are HTTP only)
     exclude_none: bool = True  # leave null fields out of the reply
     tags: tuple[str, ...] = ()
@@ -50,6 +51,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "steer.completion", streams=True, tags=("steer",)),
     Endpoint("steer_completion_chat", "/v1/steer/completion-chat", S.SteerCompletionChatPostRequest,
              S.SteerCompletionChatPost200Response, "steer.completion_chat", streams=True, tags=("steer",)),
+    Endpoint("lens_prompt", "/v1/lens/prompt", S.LensPromptRequest, S.LensPromptResponse, "lens.prompt", streams=True,
+             stream_format="ndjson", exclude_none=False, tags=("lens",)),
     Endpoint("capabilities", "/v1/capabilities", None, S.CapabilitiesResponse, "util.capabilities", method="GET",
              exclude_none=False),
     # the original README's routes: secret in the body, camelCase output

@@ -23,9 +23,9 @@ ERROR_RESPONSES = {
 }
 
 
-def error_response(message: str, status: int) -> JSONResponse:
+def error_response(message: str, status: int, extra: dict | None = None) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
 
 
 def _describe_validation(errors: list[dict]) -> str:
@@ -39,7 +39,7 @@ def _describe_validation(errors: list[dict]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError):
-        return error_response(e.message, e.status)
+        return error_response(e.message, e.status, e.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):

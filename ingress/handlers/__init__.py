@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..backend import Backend
 from .activation import ActivationHandler
 from .legacy import LegacyHandler
+from .lens import LensHandler
 from .steer import SteerHandler
 from .util import UtilHandler
 
@@ -15,6 +16,7 @@ class Handlers:
         self.activation = ActivationHandler(backend)
         self.util = UtilHandler(backend, routes)
         self.steer = SteerHandler(backend)
+        self.lens = LensHandler(backend)
         self.legacy = LegacyHandler(backend, self.activation, self.util, self.steer)
 
     def method(self, handler: str):
@@ -23,4 +25,4 @@ class Handlers:
         return getattr(getattr(self, area), name)
 
 
-__all__ = ["ActivationHandler", "Handlers", "LegacyHandler", "SteerHandler", "UtilHandler"]
+__all__ = ["ActivationHandler", "Handlers", "LegacyHandler", "LensHandler", "SteerHandler", "UtilHandler"]
