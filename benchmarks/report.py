@@ -1,6 +1,6 @@
 """Render the README's performance section from the harness's JSON.
 
-    python -m benchmarks.report                       # every benchmarks/results/*.json -> README.md
+    python -m benchmarks.report                       # every benchmarks/results/*.json -> benchmarks/README.md
     python -m benchmarks.report --print               # show the section instead of writing it
 
 The section replaces the text between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``; without those markers
@@ -17,7 +17,7 @@ from .run import markdown_table, targets_text
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
-ORDER = {"gpt2-small": 0, "demo": 1, "tiny": 2}
+ORDER = {"demo": 0, "wide": 1, "gpt2-small": 2, "gemma-2-2b": 3, "tiny": 9}
 
 
 def load_results(paths: list[Path]) -> list[dict]:
@@ -62,7 +62,7 @@ def render(results: list[dict]) -> str:
         if r.get("baseline"):
             out += [markdown_table(r), ""]
         if r.get("targets"):
-            out += ["Targets (issue 8; CPU targets apply to the gpt2-small shape):", "", targets_text(r["targets"]), ""]
+            out += ["Targets (issues 14 and 17, for this shape; same-run figures):", "", targets_text(r["targets"]), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -71,7 +71,7 @@ def splice(readme: str, section: str) -> str:
         head, rest = readme.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         return f"{head}{BEGIN}\n{section}{END}{tail}"
-    block = f"## Performance\n\n{BEGIN}\n{section}{END}\n\n"
+    block = f"## Service over HTTP: `python -m benchmarks.run`\n\n{BEGIN}\n{section}{END}\n\n"
     if "\n## Tests" in readme:
         i = readme.index("\n## Tests") + 1
         return readme[:i] + block + readme[i:]
@@ -81,7 +81,7 @@ def splice(readme: str, section: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="*", help="JSON files (default: benchmarks/results/*.json)")
-    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument("--readme", default=str(REPO / "benchmarks" / "README.md"))
     p.add_argument("--print", action="store_true", help="print the section, do not write the README")
     a = p.parse_args(argv)
     paths = [Path(x) for x in a.results] or sorted((REPO / "benchmarks" / "results").glob("*.json"))

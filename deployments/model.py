@@ -21,6 +21,7 @@ from ray import serve
 
 from deployments import protocol as P
 from deployments.engine import features as F
+from deployments.engine.attention import sparse_pattern
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import ModelRunner
 from deployments.engine.compute import ComputeThread, burst_threads_for
@@ -54,17 +55,20 @@ class ModelMetrics:
 class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.0,
-                 generate_batch_rows: int = 16, generate_batch_wait_s: float = 0.05, torch_threads: int | None = None,
-                 burst_torch_threads: int | None = None, sae_shard=None, jacobian_lens: str | None = None):
+                 generate_rows: int = 64, generate_positions: int | None = None, generate_fixed_shapes: bool | None = None,
+                 torch_threads: int | None = None, burst_torch_threads: int | None = None, sae_shard=None,
+                 jacobian_lens: str | None = None):
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.runner = self.compute.call(
             lambda: ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device))
-        # Generation adds steering hooks to the shared model for each forward pass: capture and generation take
-        # turns on the model (each decode step is one compute task, so a capture waits at most one step).
+        # Capture and generation take turns on the model: each decode step is one compute task, so a capture waits
+        # at most one step. Generation adds no hooks to the model (engine.decoder steers from its own tables).
+        # ``generate_positions``: KV-cache positions per row slot (prompt + new tokens), at most the model's n_ctx.
         self._model_lock = threading.Lock()
-        self.generator = GenerationScheduler(self.runner.model, max_rows=generate_batch_rows,
-                                             wait_s=generate_batch_wait_s, lock=self._model_lock, run=self.compute.run)
+        self.generator = self.compute.call(lambda: GenerationScheduler(
+            self.runner.model, max_rows=generate_rows, max_len=generate_positions, fixed_shapes=generate_fixed_shapes,
+            lock=self._model_lock, run=self.compute.run))
         # lens/prompt: its runs take turns with everything else on the compute thread, a step at a time.
         self.lens_engine = self.compute.call(self._lens_engine, jacobian_lens)
         self._in_flight = collections.Counter()  # lens runs and generations under way (what fail_if_busy refuses on)
@@ -116,6 +120,22 @@ class ModelDeployment:
         self._check(req.tokens, req.hooks)
         return await self._submit(req)
 
+    async def attention(self, req: P.AttentionRequest) -> P.AttentionPattern:
+        """One head's attention pattern in activation/attention's sparse form. The capture of the layer's
+        ``hook_pattern`` joins the forward passes of everything else; only the kept entries leave this replica."""
+        self._calls["attention"] += 1
+        hook = f"blocks.{req.layer}.attn.hook_pattern"
+        n_layers = self.runner.model.cfg.n_layers
+        if not 0 <= req.layer < n_layers:
+            raise RequestError(f"Invalid layer: {req.layer}. Must be in [0, {n_layers})")
+        self._check(req.tokens, [hook])
+        if req.head < 0:
+            raise RequestError(f"Invalid head: {req.head}. Heads count from 0")
+        pattern = (await self._submit(P.CaptureRequest(req.tokens, [hook])))[hook]  # [heads, seq, seq]
+        if req.head >= pattern.shape[0]:  # the ingress checks this first; a handle caller may not
+            raise RequestError(f"Invalid head: {req.head}. Must be in [0, {pattern.shape[0]})")
+        return await self.compute.run(sparse_pattern, pattern[req.head], light=True)
+
     def _check(self, tokens: list[int], hooks: list[str]) -> None:
         if not tokens:
             raise RequestError("Cannot run the model on an empty token list")
@@ -144,7 +164,7 @@ class ModelDeployment:
     async def _run_batch(self, _key, items: list) -> list:
         """The Batcher's step: the forward pass only. The SAE calls run in a task of their own, so the next batch's
         forward pass starts while this one's SAEs encode."""
-        captured = await self.compute.run(self._capture_items, items, light=len(items) == 1)
+        captured = await self.compute.run(self._capture_items, items, light="capture" if len(items) == 1 else False)
         fan_out = asyncio.ensure_future(self._fan_out(items, captured))
         return [(fan_out, i) for i in range(len(items))]
 
@@ -258,8 +278,11 @@ class ModelDeployment:
     async def generate(self, requests: list[GenerationRequest]):
         """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).
 
-        The rows (a request's STEERED and DEFAULT variants) join one batch with whatever else is in flight; each
-        yield is that step's ``StepEvent``s for these rows. A caller that goes away cancels its rows.
+        The rows (a request's STEERED and DEFAULT variants) join the running batch at the next decode step; each
+        yield is that step's ``StepEvent``s for these rows (a row's first step may hold two: its prefill's token and
+        the decode step's). A caller that goes away cancels its rows. A row that fails ends this stream with the
+        error, for this caller only: ``RequestError`` (400: e.g. steering made the activations non-finite) or
+        ``Overloaded`` (503: out of memory for these rows).
         """
         for r in requests:
             for sv in r.steering:
@@ -331,8 +354,11 @@ class ModelDeployment:
         return dict(self._lens_counts)
 
     async def generation_stats(self) -> dict:
-        """Waves, rows, tokens and rows in flight (``active_rows``) of this replica's generation scheduler."""
-        return dict(self.generator.stats)
+        """This replica's generation since it started: ``steps``, ``rows_joined`` (``rows_joined_mid_flight``: while
+        other rows were decoding), ``rows_finished``, ``cancelled_rows``, ``failed_rows``, ``tokens``; now:
+        ``active_rows``, ``pending_rows``, ``slots`` (allocated) of ``capacity``; ``slot_occupancy`` (real rows /
+        rows computed per decode step), ``mean_active_rows``, ``mean_step_ms`` / ``last_step_ms``, ``fixed_shapes``."""
+        return self.generator.stats
 
     def check_health(self) -> None:
         """Fails when the model is gone or its device is unusable, so Serve replaces this replica."""

@@ -142,7 +142,13 @@ class ActiveOp:
     skip_positions: int = 1
 
 
-SaeOp = Union[RankOp, SingleOp, TopkOp, ActiveOp]
+@dataclass
+class SimilarityOp:
+    """util/similarity-matrix-pred on a temporal SAE: the cosine similarity between positions of its predicted codes
+    (``encode_with_predictions``), centred over positions, without position 0 -> float32 ``[seq - 1, seq - 1]``."""
+
+
+SaeOp = Union[RankOp, SingleOp, TopkOp, ActiveOp, SimilarityOp]
 
 
 @dataclass
@@ -185,6 +191,26 @@ class CaptureRequest:
 
     tokens: list[int]
     hooks: list[str]
+
+
+@dataclass
+class AttentionRequest:
+    """One head's attention pattern on a prompt (``ModelDeployment.attention``), from ``blocks.<layer>.attn.hook_pattern``;
+    answered as an AttentionPattern, so the dense ``[heads, seq, seq]`` capture never leaves the model replica."""
+
+    tokens: list[int]
+    layer: int
+    head: int
+
+
+@dataclass
+class AttentionPattern:
+    """activation/attention's answer: the pattern's kept entries as flat ``q * seq_len + k`` indices and values."""
+
+    seq_len: int
+    indices: list[int]
+    values: list[float]
+    max_activation: float
 
 
 # --- SAEShard ---------------------------------------------------------------------------------------------

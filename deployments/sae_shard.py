@@ -195,8 +195,14 @@ class SAEShard:
                 by_sae.setdefault(it.sae_id, []).append(i)
         for sae_id, idx in by_sae.items():
             s = saes[sae_id]
-            for k in range(0, len(idx), self.encode_batch_size):
-                chunk = idx[k:k + self.encode_batch_size]
+            raw = [i for i in idx if isinstance(items[i].op, P.SimilarityOp)]  # work on the activations, not the codes
+            for i in raw:
+                out[i] = self._on_activations(s, items[i])
+            idx = [i for i in idx if not isinstance(items[i].op, P.SimilarityOp)]
+            # a sequence SAE attends over its prompt: stacking prompts along positions would mix them
+            step = 1 if F.is_sequence_sae(s.sae) else self.encode_batch_size
+            for k in range(0, len(idx), step):
+                chunk = idx[k:k + step]
                 acts = [items[i].acts for i in chunk]
                 self._metrics.encode_batch_size.observe(len(chunk))
                 try:
@@ -220,6 +226,18 @@ class SAEShard:
                         out[i] = P.ItemError(e.message, e.status)
         return out
 
+    def _on_activations(self, s: LoadedSAE, item: P.ShardItem):
+        """An item computed from its activations rather than its codes (similarity-matrix-pred), or its ItemError."""
+        try:
+            return F.predicted_similarity(s.sae, item.acts)
+        except RequestError as e:
+            return P.ItemError(e.message, e.status)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            release_cached_memory(self.device)
+            return P.ItemError("Out of memory while computing this similarity matrix; retry shortly", 503)
+
     @staticmethod
     def _apply(s: LoadedSAE, item: P.ShardItem, feats: torch.Tensor):
         """One item's answer from its encoded activations (on the compute thread)."""
@@ -230,14 +248,14 @@ class SAEShard:
             rows = F.rank_features(feats, op.num_results, op.sort_by_token_indexes, op.ignore_bos, op.feature_filter)
             if item.dfa_inputs is not None:
                 for row in rows:
-                    row.dfa_values = F.direct_feature_attribution(s.sae.W_enc, *item.dfa_inputs, row.index, row.max_value_index)
+                    row.dfa_values = F.direct_feature_attribution(F.encoder_matrix(s.sae), *item.dfa_inputs, row.index, row.max_value_index)
             return rows
         if isinstance(op, P.SingleOp):
             check_index(op.index, s.spec.d_sae, s.spec.id)
             row = F.single_feature(feats, op.index, op.zero_positions, op.drop_first)
             if item.dfa_inputs is not None:
                 offset = 1 if op.drop_first else 0  # DFA in the same coordinates as ``values``
-                full = F.direct_feature_attribution(s.sae.W_enc, *item.dfa_inputs, op.index, row.max_value_index + offset)
+                full = F.direct_feature_attribution(F.encoder_matrix(s.sae), *item.dfa_inputs, op.index, row.max_value_index + offset)
                 row.dfa_values = full[offset:]
             return row
         if isinstance(op, P.TopkOp):
@@ -262,7 +280,8 @@ class SAEShard:
                         saes[sae_id] = m
                         self.stats["requests"] += 1
                         self._metrics.hits.inc()
-                results = await self.compute.run(self._run_items, saes, batch.items, light=len(batch.items) == 1)
+                results = await self.compute.run(self._run_items, saes, batch.items,
+                                                 light="encode" if len(batch.items) == 1 else False)
         return P.ShardReply(results, self.replica_id)
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:
@@ -277,7 +296,7 @@ class SAEShard:
         self._calls["encoder_vector"] += 1
         async with self._use() as s:
             check_index(req.index, s.spec.d_sae, s.spec.id)
-            return await self.compute.run(G.encoder_vector, s.sae.W_enc, req.index, light=True)
+            return await self.compute.run(G.encoder_vector, F.encoder_matrix(s.sae), req.index, light=True)
 
     async def top_cosine(self, req: P.CosineRequest) -> tuple[list[int], list[float]]:
         self._calls["top_cosine"] += 1
@@ -300,5 +319,5 @@ class SAEShard:
             raise RuntimeError("no SAEs configured")
         check_device(self.device)  # this replica's device, not device 0
         for sae_id, loaded in self._resident().items():
-            if not same_device(loaded.sae.W_enc.device, self.device):
-                raise RuntimeError(f"SAE {sae_id} is on {loaded.sae.W_enc.device}, expected {self.device}")
+            if not same_device(loaded.sae.W_dec.device, self.device):
+                raise RuntimeError(f"SAE {sae_id} is on {loaded.sae.W_dec.device}, expected {self.device}")

@@ -6,7 +6,9 @@
 
 Each endpoint becomes a FastAPI route and a handle method of the same name on SAEServeIngress
 (``serve.get_app_handle("saeserve").activation_all.remote(ActivationAllRequest(...))``); both call the same
-handler. Importing this module imports neither torch nor the deployments' engines (``build_app`` does).
+handler. An endpoint served in several dialects (``ingress.dialects``) gets one route per dialect, all calling that
+handler: ``/v1/...`` for the 1.10.1 client, ``/neuronpedia/v1/...`` for Neuronpedia's web app (documented at
+``/neuronpedia/docs``). Importing this module imports neither torch nor the deployments' engines (``build_app`` does).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import logging
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
@@ -30,6 +34,7 @@ from . import schemas as S
 from .args import AppArgs, resolve_jacobian_lens, resolve_model_path
 from .auth import AuthMiddleware
 from .backend import Backend
+from .dialects import DIALECTS, V1, Dialect
 from .endpoints import ENDPOINTS, Endpoint, route_paths
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .handlers import Handlers
@@ -65,37 +70,48 @@ class SAEServeIngress:
     def __init__(self, args: dict, specs: list[dict], model_handle, sae_handle):
         a = AppArgs.model_validate(args)
         self.backend = Backend(a, [SAESpec(**s) for s in specs], model_handle, sae_handle)
-        self.handlers = Handlers(self.backend, route_paths())
+        self.handlers = Handlers(self.backend, route_paths())  # v1: the handle methods and the 1.10.1 routes
+        # The same handlers, reading another dialect's behaviour flags (ingress.dialects.Dialect)
+        self.dialect_handlers = {d.name: self.handlers if d is V1 else Handlers(self.backend, route_paths(), d)
+                                 for d in DIALECTS}
         state.install(self, self.backend.secret, a.limits.max_body_bytes, a.limits.request_timeout_s)
 
     async def _call(self, ep: Endpoint, req):
         """The final answer (a handle call, or HTTP without ``stream``)."""
         return await self.handlers.method(ep.handler)(req)
 
-    async def _http(self, ep: Endpoint, req):
+    async def _http(self, ep: Endpoint, req, dialect: Dialect = V1):
+        handlers = self.dialect_handlers[dialect.name]
+        snake = ep.reply_casing == "snake"
         if ep.streams and getattr(req, "stream", False):
-            area = getattr(self.handlers, ep.handler.split(".")[0])
+            area = getattr(handlers, ep.handler.split(".")[0])
             events = await area.stream(req)  # every 4xx is raised here, before the first byte
-            if ep.stream_format == "ndjson":  # lines already serialised by the handler, passed through as they are
-                return StreamingResponse(events, media_type="application/x-ndjson", headers=SSE_HEADERS)
-            return StreamingResponse(_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
-        reply = await self._call(ep, req)
+            return StreamingResponse(_sse(events, dialect, snake, ep.stream_media), media_type=ep.stream_media,
+                                     headers=SSE_HEADERS)
+        reply = await handlers.method(ep.handler)(req)
         # Serialised here, once: FastAPI would validate the reply against its model again first (the handlers built
         # it from that model), and its JSON encoder turns a NaN into a 500 where pydantic writes null.
-        return Response(reply.model_dump_json(by_alias=True, exclude_none=ep.exclude_none), media_type="application/json")
+        return Response(dialect.dump(reply, ep.exclude_none, snake), media_type="application/json")
 
 
-async def _sse(events: AsyncIterator) -> AsyncIterator[str]:
+async def _sse(events: AsyncIterator, dialect: Dialect = V1, snake: bool = False,
+               media: str = "text/event-stream") -> AsyncIterator[str]:
     """Each event is ``data: <the whole cumulative response as JSON>``; the last equals the non-streamed reply. A
-    failure after the first event is an ``{"error": ...}`` event (with ``status``), never a silent end."""
+    failure after the first event is an ``{"error": ...}`` event (with ``status``), never a silent end. An event
+    that is already a frame (``str``/``bytes``: the handler serialised it) goes out unchanged. Any other media type
+    than SSE frames each event as one JSON line (NDJSON)."""
+    frame = (lambda text: f"data: {text}\n\n") if media == "text/event-stream" else (lambda text: text + "\n")
     try:
         async for response in events:
-            yield f"data: {response.model_dump_json(exclude_none=True)}\n\n"
+            if isinstance(response, (str, bytes)):
+                yield response
+            else:
+                yield frame(dialect.dump(response, True, snake))
     except RequestError as e:
-        yield f"data: {json.dumps({'error': e.message, 'status': e.status})}\n\n"
+        yield frame(json.dumps({"error": e.message, "status": e.status}))
     except Exception:
         log.exception("stream failed")
-        yield f"data: {json.dumps({'error': 'Internal server error', 'status': 500})}\n\n"
+        yield frame(json.dumps({"error": "Internal server error", "status": 500}))
 
 
 def _handle_method(ep: Endpoint):
@@ -114,26 +130,62 @@ def _handle_method(ep: Endpoint):
     return method
 
 
-def _add_route(ep: Endpoint) -> None:
-    if ep.request is None:
+# The routes of each prefixed dialect: served by ``app`` (without a place in its /openapi.json, which stays the
+# 1.10.1 API's) and documented on their own at ``<prefix>/docs``.
+_DIALECT_ROUTERS = {d.name: APIRouter() for d in DIALECTS if d.prefix}
+
+
+def _add_route(ep: Endpoint, dialect: Dialect) -> None:
+    body = dialect.request_model(ep.request)  # the dialect's casing of the same model (ingress.dialects)
+    if body is None:
         async def route():
-            return await state.current.ingress._http(ep, None)
+            return await state.current.ingress._http(ep, None, dialect)
         route.__signature__ = inspect.Signature([])
     else:
         async def route(req):
-            return await state.current.ingress._http(ep, req)
+            return await state.current.ingress._http(ep, req, dialect)
         route.__signature__ = inspect.Signature([inspect.Parameter("req", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                                   annotation=ep.request)])
-    route.__name__ = ep.name
-    app.add_api_route(ep.path, route, methods=[ep.method], response_model=ep.response,
-                      response_model_exclude_none=ep.exclude_none, responses=ERROR_RESPONSES, tags=list(ep.tags) or None,
-                      name=ep.name)
+                                                                   annotation=body)])
+    name = ep.name if dialect is V1 else f"{dialect.name}_{ep.name}"
+    route.__name__ = name
+    target = app if not dialect.prefix else _DIALECT_ROUTERS[dialect.name]
+    target.add_api_route(dialect.prefix + ep.path, route, methods=[ep.method],
+                         response_model=dialect.reply_model(ep.response, ep.reply_casing == "snake"),
+                         response_model_exclude_none=ep.exclude_none, responses=ERROR_RESPONSES,
+                         tags=list(ep.tags) or None, name=name)
+
+
+def _add_dialect_docs(dialect: Dialect) -> None:
+    """``<prefix>/openapi.json`` and ``<prefix>/docs``: the dialect's routes as its clients see them (paths relative
+    to the prefix, which is the spec's server, as in Neuronpedia's own spec)."""
+    routes = _DIALECT_ROUTERS[dialect.name].routes
+    spec: dict = {}
+
+    async def openapi():
+        if not spec:
+            full = get_openapi(title=f"{app.title}: the {dialect.name} dialect", version=app.version, routes=routes,
+                               description=f"{app.description} Served under {dialect.prefix}.",
+                               servers=[{"url": dialect.prefix}])
+            full["paths"] = {p.removeprefix(dialect.prefix): v for p, v in full["paths"].items()}
+            spec.update(full)
+        return JSONResponse(spec)
+
+    async def docs():
+        return get_swagger_ui_html(openapi_url=f"{dialect.prefix}/openapi.json", title=f"{app.title} ({dialect.name})")
+
+    app.add_api_route(f"{dialect.prefix}/openapi.json", openapi, methods=["GET"], include_in_schema=False)
+    app.add_api_route(f"{dialect.prefix}/docs", docs, methods=["GET"], include_in_schema=False)
 
 
 for _ep in ENDPOINTS:
-    _add_route(_ep)
+    for _dialect in _ep.dialects:
+        _add_route(_ep, _dialect)
     if _ep.handle:
         setattr(SAEServeIngress, _ep.name, _handle_method(_ep))
+for _dialect in DIALECTS:
+    if _dialect.prefix:
+        _add_dialect_docs(_dialect)
+        app.include_router(_DIALECT_ROUTERS[_dialect.name], include_in_schema=False)
 
 SAEServeIngress = serve.deployment(
     name="SAEServeIngress",
@@ -178,8 +230,9 @@ def build_app(args: AppArgs) -> Application:
                                       burst_torch_threads=b.burst_torch_threads)
     model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model.dtype, args.model.override,
                                              b.capture_batch_size, b.capture_batch_wait_s,
-                                             generate_batch_rows=b.generate_batch_rows,
-                                             generate_batch_wait_s=b.generate_batch_wait_s, torch_threads=b.torch_threads,
+                                             generate_rows=b.generate_rows,
+                                             generate_positions=args.limits.token_limit + args.limits.max_completion_tokens,
+                                             generate_fixed_shapes=b.generate_fixed_shapes, torch_threads=b.torch_threads,
                                              burst_torch_threads=b.burst_torch_threads, sae_shard=shard,
                                              jacobian_lens=resolve_jacobian_lens(model_path, args.model.jacobian_lens))
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

@@ -72,6 +72,14 @@ class LimitArgs(Section):
     max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token's `top_k`")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
+    activation_token_limit: Optional[int] = Field(None, ge=1, description="Most tokens in one prompt of "
+                                                  "activation/attention and util/similarity-matrix-pred, and of every "
+                                                  "activation route in the /neuronpedia dialect; none = token_limit, "
+                                                  "never more than it")
+    neuronpedia_max_batch_prompts: int = Field(4, ge=1, description="/neuronpedia dialect: most prompts in one `*-batch` "
+                                               "or `activation/source` request (the 2026 server's cap); a request with "
+                                               "several prompts shares activation_token_limit among this many (each "
+                                               "prompt at most activation_token_limit / this)")
     lens_token_limit: int = Field(1024, ge=1, description="Most tokens in one lens/prompt sequence (prompt, templated "
                                   "chat or input ids); also capped by the model's n_ctx, which bounds prompt + generation")
 
@@ -87,10 +95,13 @@ class BatchingArgs(Section):
                                         "pass")
     encode_batch_size: int = Field(16, ge=1, description="Most prompts one SAE encodes in one matmul (a model batch's "
                                    "prompts for an SAE are encoded together, in chunks of this many)")
-    generate_batch_rows: int = Field(16, ge=2, description="Rows decoded together in one generation wave (a steering "
-                                     "request's STEERED and DEFAULT are two)")
-    generate_batch_wait_s: float = Field(0.05, ge=0, description="How long a generation wave waits to collect requests; a "
-                                         "wave runs to its end, so a request that just misses it waits for the whole wave")
+    generate_rows: int = Field(64, ge=4, description="Row slots for generation (a steering request's STEERED and DEFAULT "
+                               "are two rows); a request joins the running batch at the next decode step while slots are "
+                               "free, and leaves it when it finishes")
+    generate_fixed_shapes: Optional[bool] = Field(None, description="Decode all generate_rows slots every step and prefill "
+                                                  "prompts one at a time, so that a seeded request's arithmetic never "
+                                                  "depends on what else runs; none = only where the startup check finds "
+                                                  "rows computed in different batch shapes differ (a GPU)")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads in each ModelDeployment and "
                                          "SAEShard replica (matters on CPU); none = Ray's default for the replica's num_cpus, "
                                          "which is 1 for a fractional CPU")

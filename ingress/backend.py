@@ -65,6 +65,11 @@ class Backend:
     def token_limit(self) -> int:
         return min(self.args.limits.token_limit, self.info.n_ctx)
 
+    @property
+    def activation_token_limit(self) -> int:
+        """The activation routes' limit where it applies (attention, similarity, the /neuronpedia dialect)."""
+        return min(self.args.limits.activation_token_limit or self.token_limit, self.token_limit)
+
     # --- SAEs ----------------------------------------------------------------------------------------------
 
     def spec(self, source: str) -> SAESpec:

@@ -255,6 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = args_from_flags(ns, parser)
     if ns.ray_address == "local":  # before Ray Serve is imported: it reads the setting then, as the Ray it starts does
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ns.http_proxy == "haproxy" else "0"
+        if ns.http_proxy == "haproxy":
+            from . import haproxy_env
+
+            haproxy_env.isolate()  # its own files and side ports: another Ray's HAProxy on this machine stays apart
     app, specs = _build(args, parser)
     _setup_logging()
     log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))

@@ -443,6 +443,42 @@ class LegacyCompletionResponse(Wire):
     default: Optional[LegacyCompletionOutput] = None
 
 
+# --- activation/attention, util/similarity-matrix-pred (the 2026 web app's routes; also under /v1) ------------------
+
+
+class ActivationAttentionRequest(Wire):
+    prompt: StrictStr
+    model: StrictStr
+    layer: StrictInt
+    head: StrictInt
+
+
+class ActivationAttentionResponse(Wire):
+    """One head's attention pattern, sparse: each query row's top keys (at most 8, weight >= 0.005, 4 decimals) as
+    flat ``q * seq_len + k`` indices, index-aligned with ``attention_values`` (not with ``tokens``)."""
+
+    tokens: list[str]
+    attention_indices: list[int]
+    attention_values: list[float]
+    max_activation: float = Field(description="The largest weight outside row and column 0 (the first position's sink)")
+    seq_len: int
+
+
+class SimilarityMatrixPredRequest(Wire):
+    model_id: StrictStr
+    source_id: StrictStr = Field(description="A temporal SAE")
+    index: StrictInt = Field(description="Accepted and unused: the matrix is over all of the SAE's predicted codes")
+    text: StrictStr
+
+
+class SimilarityMatrixPredResponse(Wire):
+    """Cosine similarities between positions of the temporal SAE's predicted codes (centred over positions), with
+    position 0 dropped from both axes and from ``tokens``."""
+
+    similarity_matrix: list[list[float]]
+    tokens: list[str]
+
+
 # --- lens/prompt (Neuronpedia 2026-08): logit and Jacobian lens read-outs, streamed as NDJSON frames ----------
 
 

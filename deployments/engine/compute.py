@@ -11,7 +11,8 @@ Bursts: a replica with a fractional ``num_cpus`` runs torch on one thread (Ray s
 is right under load, when the model and SAE replicas compute side by side, but leaves cores idle for a lone
 request: a GPT-2-small forward pass takes 160 ms on one thread and 98 ms on two. So a *light* task (one request's
 work, nothing else queued on this thread) runs on ``burst_threads`` threads when no other replica on the machine
-is computing. Who computes is known across processes through :class:`CPULock`, an ``flock`` on one file: ordinary
+is computing, if tasks of its kind did at least ``min_burst_work_s`` of work before (a tiny model's millisecond
+forward pass runs slower as a burst: the thread switch and the OpenMP team's wake-up cost more than they save). Who computes is known across processes through :class:`CPULock`, an ``flock`` on one file: ordinary
 tasks hold it shared, a burst takes it exclusive without waiting (so only when nobody else holds it), and an
 ordinary task that arrives during a burst waits for it to end rather than oversubscribe the cores (a preempted
 OpenMP thread stalls its whole parallel region).
@@ -130,7 +131,7 @@ class ComputeThread:
     """
 
     def __init__(self, name: str = "compute", torch_threads: int | None = None, burst_threads: int | None = None,
-                 lock_path: str = DEFAULT_LOCK_PATH):
+                 lock_path: str = DEFAULT_LOCK_PATH, min_burst_work_s: float = 0.02):
         if torch_threads is not None and torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {torch_threads}")
         self.torch_threads = torch_threads
@@ -140,6 +141,8 @@ class ComputeThread:
         self._queued = 0  # tasks submitted and not yet started
         self._count_lock = threading.Lock()
         self.stats = {"tasks": 0, "burst_tasks": 0}
+        self.min_burst_work_s = min_burst_work_s
+        self._work: dict[str, float] = {}  # per kind of light task: a moving average of its CPU-seconds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._init)
         self._executor.submit(self._setup_bursts, lock_path).result()
 
@@ -162,7 +165,23 @@ class ComputeThread:
         log.info("compute thread: %d torch threads%s", self._narrow,
                  f", {self.burst_threads} for a lone request while no other replica computes" if self.burst_threads else "")
 
-    def _task(self, fn: Callable[[], T], light: bool) -> T:
+    def _worth_a_burst(self, kind: str) -> bool:
+        """Whether this kind of task did enough work last time for more threads to pay: a burst costs a thread-count
+        change and an OpenMP team waking, which for a millisecond of work (the demo pack's forward pass) costs
+        more than it saves (measured at concurrency 1: 66 ms p50 without bursts, 104 ms with them)."""
+        if self.min_burst_work_s <= 0:
+            return True
+        work = self._work.get(kind)
+        return work is not None and work >= self.min_burst_work_s
+
+    def _record(self, kind: str, seconds: float, threads: int) -> None:
+        # CPU-seconds of work: this thread's CPU time (not wall time, which other processes' load inflates) times
+        # the threads that shared it (about right for a burst's evenly split ops)
+        work = seconds * threads
+        old = self._work.get(kind)
+        self._work[kind] = work if old is None else 0.7 * old + 0.3 * work
+
+    def _task(self, fn: Callable[[], T], light: bool | str) -> T:
         with self._count_lock:
             self._queued -= 1
             alone = self._queued == 0  # nothing else waits on this replica
@@ -170,7 +189,9 @@ class ComputeThread:
         lock = self.lock
         if lock is None:
             return fn()
-        if light and alone and lock.try_exclusive():
+        kind = light if isinstance(light, str) else "light"
+        t0 = time.thread_time()
+        if light and alone and self._worth_a_burst(kind) and lock.try_exclusive():
             import torch
 
             self.stats["burst_tasks"] += 1
@@ -180,18 +201,22 @@ class ComputeThread:
             finally:
                 torch.set_num_threads(self._narrow)
                 lock.release()
+                self._record(kind, time.thread_time() - t0, self.burst_threads)
         held = lock.shared()  # waits while another replica bursts
         try:
+            t0 = time.thread_time()
             return fn()
         finally:
             if held:
                 lock.release()
+            if light:
+                self._record(kind, time.thread_time() - t0, self._narrow)
 
     def _unqueue(self) -> None:
         with self._count_lock:
             self._queued -= 1
 
-    def _submit(self, fn: Callable[[], T], light: bool):
+    def _submit(self, fn: Callable[[], T], light: bool | str):
         with self._count_lock:
             self._queued += 1
         try:
@@ -203,8 +228,9 @@ class ComputeThread:
         fut.add_done_callback(lambda f: self._unqueue() if f.cancelled() else None)
         return fut
 
-    async def run(self, fn: Callable[..., T], *args: Any, light: bool = False, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` on the compute thread. ``light``: one request's work, which may burst."""
+    async def run(self, fn: Callable[..., T], *args: Any, light: bool | str = False, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the compute thread. ``light``: one request's work, which may burst (a string
+        names its kind: whether a burst pays is judged per kind, from the work such tasks did before)."""
         return await asyncio.wrap_future(self._submit(functools.partial(fn, *args, **kwargs), light))
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -15,15 +15,49 @@ from ..protocol import FeatureActivation
 from .errors import RequestError
 
 
-@torch.no_grad()
-def encode(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Feature activations ``[seq, d_sae]`` (float32) for activations ``[seq, d_in]`` (or ``[seq, heads, d_head]``)."""
-    x = torch.as_tensor(acts).to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
-    d_in = sae.W_enc.shape[0]
+def is_sequence_sae(sae) -> bool:
+    """An SAE whose code at a position depends on the positions before it (SAE Lens's temporal SAE attends over the
+    context): it encodes one whole prompt at a time, ``[1, seq, d_in]``, never prompts stacked along positions."""
+    return hasattr(sae, "encode_with_predictions")
+
+
+def encoder_matrix(sae) -> torch.Tensor:
+    """``W_enc`` ``[d_in, d_sae]``; a tied SAE (a temporal SAE with ``tied_weights``) encodes with ``W_dec.T``."""
+    w = getattr(sae, "W_enc", None)
+    return w if w is not None else sae.W_dec.T
+
+
+def _sae_input(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
+    w = encoder_matrix(sae)
+    x = torch.as_tensor(acts).to(device=w.device, dtype=w.dtype)
+    d_in = w.shape[0]
     if (x.dim() == 3 and x.shape[-1] != d_in and x.shape[-2] * x.shape[-1] == d_in
             and not getattr(sae, "hook_z_reshaping_mode", False)):
         x = x.reshape(x.shape[0], d_in)  # hook_z [seq, head, d_head] for an SAE trained on the flattened heads
+    return x
+
+
+@torch.no_grad()
+def encode(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Feature activations ``[seq, d_sae]`` (float32) for activations ``[seq, d_in]`` (or ``[seq, heads, d_head]``).
+    A sequence SAE's ``acts`` must be one prompt's."""
+    x = _sae_input(sae, acts)
+    if is_sequence_sae(sae):
+        return sae.encode(x.unsqueeze(0))[0].float()
     return sae.encode(x).float()
+
+
+@torch.no_grad()
+def predicted_similarity(sae, acts: np.ndarray | torch.Tensor) -> np.ndarray:
+    """util/similarity-matrix-pred: ``P = encode_with_predictions(x)[1][0]`` (the codes the temporal SAE predicts
+    from the context), centred over positions, rows L2-normalised, ``P @ P.T`` -- without row and column 0.
+    Centring and the product run in float32 whatever the SAE's dtype. float32 ``[seq - 1, seq - 1]``."""
+    if not is_sequence_sae(sae):
+        raise RequestError("This SAE has no predicted codes: similarity-matrix-pred needs a temporal SAE")
+    _, z_pred = sae.encode_with_predictions(_sae_input(sae, acts).unsqueeze(0))
+    p = z_pred[0].float()
+    p = torch.nn.functional.normalize(p - p.mean(dim=0, keepdim=True), p=2, dim=-1)
+    return (p @ p.T)[1:, 1:].cpu().numpy()
 
 
 def _first_argmax(values: torch.Tensor) -> tuple[float, int]:

@@ -4,6 +4,7 @@ endpoint (``ingress.endpoints`` names them)."""
 from __future__ import annotations
 
 from ..backend import Backend
+from ..dialects import V1, Dialect
 from .activation import ActivationHandler
 from .legacy import LegacyHandler
 from .lens import LensHandler
@@ -12,11 +13,13 @@ from .util import UtilHandler
 
 
 class Handlers:
-    def __init__(self, backend: Backend, routes: list[str]):
-        self.activation = ActivationHandler(backend)
-        self.util = UtilHandler(backend, routes)
-        self.steer = SteerHandler(backend)
-        self.lens = LensHandler(backend)
+    """One set per wire dialect (``ingress.dialects``): the same code, reading that dialect's behaviour flags."""
+
+    def __init__(self, backend: Backend, routes: list[str], dialect: Dialect = V1):
+        self.activation = ActivationHandler(backend, dialect)
+        self.util = UtilHandler(backend, routes, dialect)
+        self.steer = SteerHandler(backend, dialect)
+        self.lens = LensHandler(backend, dialect)
         self.legacy = LegacyHandler(backend, self.activation, self.util, self.steer)
 
     def method(self, handler: str):

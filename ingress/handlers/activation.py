@@ -42,8 +42,24 @@ class ActivationHandler(Handler):
     async def run(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult]:
         return await self.backend.features(jobs)
 
-    async def tokenize_all(self, prompts: list[str]) -> list[T.Tokenized]:
-        return list(await asyncio.gather(*(self.tokens(p) for p in prompts)))
+    def prompt_limit(self, n_prompts: int) -> int | None:
+        """Most tokens per prompt (None: token_limit). The 2026 dialect counts activation routes against
+        activation_token_limit, which a request with several prompts shares out among the batch cap."""
+        if not self.dialect.limits_2026:
+            return None
+        limit = self.backend.activation_token_limit
+        return limit if n_prompts <= 1 else max(1, limit // self.batch_cap())
+
+    async def tokenize_all(self, prompts: list[str], feature: bool = True) -> list[T.Tokenized]:
+        await self.backend.ensure_ready()
+        limit = self.prompt_limit(len(prompts))
+        try:
+            return list(await asyncio.gather(*(self.tokens(p, feature=feature, limit=limit) for p in prompts)))
+        except RequestError as e:
+            if len(prompts) > 1 and limit is not None and e.message.startswith("Text too long"):
+                raise RequestError(f"{e.message} per prompt: a request with several prompts shares activation_token_limit "
+                                   f"({self.backend.activation_token_limit}) among up to {self.batch_cap()} prompts") from None
+            raise
 
     # --- activation/single ---------------------------------------------------------------------------------
 
@@ -89,7 +105,7 @@ class ActivationHandler(Handler):
                 out.append(self._single_response(r.results[0], strs, special))
             return out
         vector = self._vector(req.vector, req.hook)
-        toks = await asyncio.gather(*(self.tokens(p, feature=False) for p in prompts))
+        toks = await self.tokenize_all(prompts, feature=False)
         for t in toks:
             if not t.ids:
                 raise RequestError("prompt is empty")
@@ -178,15 +194,17 @@ class ActivationHandler(Handler):
 
     # --- activation/topk-by-token --------------------------------------------------------------------------
 
-    def top_k(self, k) -> int:
+    def top_k(self, k, spec: SAESpec) -> int:
         k = DEFAULT_TOP_K if k is None else k
+        if self.dialect.limits_2026:  # clamped, never refused
+            return max(1, min(k, spec.d_sae, self.args.limits.max_top_k))
         if k < 1:
             raise RequestError(f"top_k must be at least 1, got {k}")
         return min(k, self.args.limits.max_top_k)
 
     async def _topks(self, prompts: list[str], source: str, top_k, ignore_bos: bool) -> list[S.ActivationTopkByTokenResponse]:
         spec = self.spec(source)
-        k = self.top_k(top_k)
+        k = self.top_k(top_k, spec)
         await self.backend.ensure_ready()
         toks = await self.tokenize_all(prompts)
         results = await self.run([P.FeatureJob(t.ids, [self.task(spec, P.TopkOp(k))]) for t in toks])
@@ -221,3 +239,25 @@ class ActivationHandler(Handler):
                                   for t in toks])
         return S.ActivationSourceResponse(results=[S.ActivationSourceResult(tokens=t.strs, active_features=r.results[0])
                                                    for t, r in zip(toks, results)])
+
+    # --- activation/attention -------------------------------------------------------------------------------
+
+    async def attention(self, req: S.ActivationAttentionRequest) -> S.ActivationAttentionResponse:
+        """One head's attention pattern, ``blocks.<layer>.attn.hook_pattern[head]``, in the head view's sparse form
+        (engine.attention); BOS first, as the feature routes; within activation_token_limit."""
+        self.check_model(req.model)
+        b = self.backend
+        await b.ensure_ready()
+        n_layers = b.info.n_layers
+        if not 0 <= req.layer < n_layers:
+            raise RequestError(f"Invalid layer: {req.layer}. Must be in [0, {n_layers})")
+        heads = b.info.hook_shapes.get(f"blocks.{req.layer}.attn.hook_z")
+        if f"blocks.{req.layer}.attn.hook_pattern" not in b.info.hook_shapes or not heads:
+            raise RequestError(f"Layer {req.layer} has no attention pattern")
+        if not 0 <= req.head < heads[0]:
+            raise RequestError(f"Invalid head: {req.head}. Must be in [0, {heads[0]})")
+        tok = await self.tokens(req.prompt, limit=b.activation_token_limit)
+        pattern = await b.call(b.model.attention.remote(P.AttentionRequest(tok.ids, req.layer, req.head)))
+        return S.ActivationAttentionResponse(tokens=tok.strs, attention_indices=pattern.indices,
+                                             attention_values=pattern.values, max_activation=pattern.max_activation,
+                                             seq_len=pattern.seq_len)

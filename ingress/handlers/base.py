@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from deployments.engine import tokens as T
 from deployments.engine.errors import RequestError
 
 from ..backend import Backend
+from ..dialects import V1, Dialect
 
 INLINE_CHARS = 2048
 
+log = logging.getLogger("saeserve.ingress")
+
 
 class Handler:
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, dialect: Dialect = V1):
         self.backend = backend
         self.args = backend.args
+        self.dialect = dialect  # the wire dialect this handler answers in (its behaviour flags)
 
     def check_model(self, model: str) -> None:
-        if model not in self.backend.model_ids:
+        if model in self.backend.model_ids:
+            return
+        if self.dialect.strict_model:
             raise RequestError("Unsupported model")
+        # The web app names models by its own ids (its TransformerLens id when it knows one): advisory only.
+        log.info("request names model %.80r, serving %s (%s dialect: model is advisory)", model,
+                 self.args.served_model_id, self.dialect.name)
+
+    def batch_cap(self) -> int:
+        limits = self.args.limits
+        return limits.neuronpedia_max_batch_prompts if self.dialect.limits_2026 else limits.max_batch_prompts
 
     def check_batch(self, prompts: list[str]) -> None:
         if not prompts:
             raise RequestError("prompts is empty: send at least one prompt")
-        most = self.args.limits.max_batch_prompts
+        most = self.batch_cap()
         if len(prompts) > most:
             raise RequestError(f"Too many prompts: {len(prompts)}, max is {most} per request")
 

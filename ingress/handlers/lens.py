@@ -26,6 +26,7 @@ from deployments.engine import tokens as T
 from deployments.engine.errors import RequestError, translate_remote_error
 
 from .. import schemas as S
+from ..dialects import V1, Dialect
 from .base import INLINE_CHARS, Handler
 
 log = logging.getLogger("saeserve.ingress")
@@ -174,8 +175,8 @@ class PreparedLens:
 
 
 class LensHandler(Handler):
-    def __init__(self, backend):
-        super().__init__(backend)
+    def __init__(self, backend, dialect: Dialect = V1):
+        super().__init__(backend, dialect)
         self._strs: dict[int, str] = {}  # id -> its string, decoded once per replica
         self._vocab_index: Optional[LT.VocabIndex] = None
 

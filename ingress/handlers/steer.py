@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
@@ -45,6 +46,26 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> str:
     return chatml(messages)
 
 
+NO_CHAT_TEMPLATE = ("This model's tokenizer has no chat template, so it cannot take chat messages: use "
+                    "steer/completion with a raw prompt instead")
+_REASONING = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def without_reasoning(messages: list[dict]) -> list[dict]:
+    """The 2026 dialect re-renders earlier assistant turns without their ``<think>...</think>`` blocks (the web app
+    folds reasoning into the message to show it; the model should not read it again); a turn that was only
+    reasoning is left out."""
+    out = []
+    for m in messages:
+        if m["role"] == ASSISTANT:
+            content = _REASONING.sub("", m["content"]).strip()
+            if not content:
+                continue
+            m = {**m, "content": content}
+        out.append(m)
+    return out
+
+
 def strip_bos(tokenizer, text: str) -> str:
     bos = tokenizer.bos_token
     return text[len(bos):] if bos and text.startswith(bos) else text
@@ -73,12 +94,13 @@ class Prepared:
     def __init__(self, steering: "SteerHandler", req: AnyRequest, chat: bool, ids: list[int], rows: list[GenerationRequest],
                  kinds: list[S.SteerType], prompt_text: str, messages: Optional[list[dict]]):
         self.backend = steering.backend
+        self.echo_prompt = steering.dialect.echo_prompt
         self.req = req
         self.chat = chat
         self.ids = ids
         self.rows = rows
         self.kinds = kinds  # the unique types, one row each, in first-seen order
-        self.prompt_text = prompt_text  # completion: the prompt; chat: the templated prompt without BOS
+        self.prompt_text = prompt_text  # completion: the prompt; chat: the templated prompt (v1: without BOS)
         self.messages = messages
         self.n_logprobs = req.n_logprobs or 0
         self._str: dict[int, str] = {}
@@ -103,7 +125,8 @@ class Prepared:
         lp = lambda o: o.logprobs if self.n_logprobs > 0 else None
         if not self.chat:
             return S.SteerCompletionPost200Response(outputs=[
-                S.NPSteerCompletionResponseInner(type=t, output=self.prompt_text + self._text(outs[t].tokens), logprobs=lp(outs[t]))
+                S.NPSteerCompletionResponseInner(type=t, output=(self.prompt_text if self.echo_prompt else "") + self._text(outs[t].tokens),
+                                                 logprobs=lp(outs[t]))
                 for t in self.req.types])
         msgs = [S.NPSteerChatMessage(**m) for m in self.messages]
         results = []
@@ -160,8 +183,10 @@ class SteerHandler(Handler):
         self.check_model(req.model)
         if not req.types:
             raise RequestError("types is empty: ask for STEERED, DEFAULT or both")
-        has_f, has_v = bool(req.features), bool(req.vectors)
-        if has_f == has_v:
+        if self.dialect.limits_2026:  # the 2026 rule: one of them present; an empty list steers nothing
+            if (req.features is None) == (req.vectors is None):
+                raise RequestError("Send exactly one of features or vectors")
+        elif bool(req.features) == bool(req.vectors):
             raise RequestError("Send exactly one of features or vectors (a non-empty list)")
         n_lp = req.n_logprobs or 0
         if not 0 <= n_lp <= MAX_LOGPROBS:
@@ -176,7 +201,7 @@ class SteerHandler(Handler):
         if req.n_completion_tokens < 1:
             raise RequestError(f"n_completion_tokens must be at least 1, got {req.n_completion_tokens}")
         cap = self.args.limits.max_completion_tokens
-        if req.n_completion_tokens > cap:
+        if req.n_completion_tokens > cap and not self.dialect.limits_2026:  # the 2026 dialect clamps (prepare)
             raise RequestError(f"n_completion_tokens is {req.n_completion_tokens}, max is {cap}")
 
     async def _vectors(self, req: AnyRequest) -> list[SteerVector]:
@@ -203,7 +228,7 @@ class SteerHandler(Handler):
                 if len(vec) != width:
                     raise RequestError(f"{f.source} decoder rows have length {len(vec)} but {spec.hook_name} has width {width}")
                 raw.append((spec.hook_name, vec, float(f.strength) * mult, f"feature {f.source}/{f.index}"))
-        else:
+        elif req.vectors:
             for k, v in enumerate(req.vectors):
                 width = self.hook_width(v.hook)
                 self.check_finite(v.steering_vector, f"vectors[{k}].steering_vector")
@@ -223,11 +248,19 @@ class SteerHandler(Handler):
         await b.ensure_ready()
         tok = b.tokenizer
         messages = None
+        chat_2026 = self.dialect.chat_2026
         if chat:
+            if chat_2026 and req.is_assistant_axis:
+                raise RequestError("The assistant axis (persona monitoring) is not available on this server")
             messages = [{"role": m.role, "content": m.content} for m in req.prompt]
             if not messages:
                 raise RequestError("prompt is empty: send at least one message")
-            templated = apply_chat_template(tok, messages)
+            if chat_2026 and not getattr(tok, "chat_template", None):
+                raise RequestError(NO_CHAT_TEMPLATE)
+            render = without_reasoning(messages) if chat_2026 else messages
+            if not render:
+                raise RequestError("prompt is empty: every message was reasoning only")
+            templated = apply_chat_template(tok, render)
             prompt_text = strip_bos(tok, templated)
         else:
             templated = prompt_text = req.prompt
@@ -235,13 +268,21 @@ class SteerHandler(Handler):
         if not ids:
             raise RequestError("prompt is empty")
         n_ctx = b.info.n_ctx
-        if len(ids) + req.n_completion_tokens > n_ctx:
+        n_new = req.n_completion_tokens
+        if self.dialect.limits_2026:  # as many as fit, up to the cap; refused only when nothing fits
+            n_new = min(n_new, self.args.limits.max_completion_tokens, n_ctx - len(ids))
+            if n_new < 1:
+                raise RequestError(f"No room to generate: the prompt is {len(ids)} tokens and the model's context "
+                                   f"(prompt + completion) is {n_ctx}. Shorten the prompt or start a new conversation")
+        elif len(ids) + n_new > n_ctx:
             raise RequestError(f"Prompt ({len(ids)} tokens) + n_completion_tokens ({req.n_completion_tokens}) is more than the "
                                f"model's context length ({n_ctx}); shorten the prompt or ask for fewer tokens")
+        if chat and chat_2026:
+            prompt_text = tok.decode(ids, clean_up_tokenization_spaces=False)  # `raw`: the decoded prompt (BOS included)
         vectors = await self._vectors(req)
         no_steer = list(tok.all_special_ids) if chat and not req.steer_special_tokens else None
         kinds = list(dict.fromkeys(req.types))
-        rows = [GenerationRequest(tokens=ids, max_new_tokens=req.n_completion_tokens, temperature=float(req.temperature),
+        rows = [GenerationRequest(tokens=ids, max_new_tokens=n_new, temperature=float(req.temperature),
                                   freq_penalty=float(req.freq_penalty), seed=torch_seed(req.seed), n_logprobs=req.n_logprobs or 0,
                                   steering=vectors if t == S.SteerType.STEERED else [], no_steer_tokens=no_steer)
                 for t in kinds]

@@ -8,14 +8,15 @@ from deployments.engine.errors import RequestError
 
 from .. import schemas as S
 from ..backend import Backend
+from ..dialects import V1, Dialect
 from .base import Handler
 
 MAX_COSSIM_RESULTS = 128  # the contract's cap on util/sae-topk-by-decoder-cossim's num_results
 
 
 class UtilHandler(Handler):
-    def __init__(self, backend: Backend, routes: list[str]):
-        super().__init__(backend)
+    def __init__(self, backend: Backend, routes: list[str], dialect: Dialect = V1):
+        super().__init__(backend, dialect)
         self.routes = sorted(routes)
 
     async def sae_topk_by_decoder_cossim(self, req: S.UtilSaeTopkByDecoderCossimRequest) -> S.UtilSaeTopkByDecoderCossimResponse:
@@ -55,6 +56,23 @@ class UtilHandler(Handler):
         vec = await b.call(b.shard(spec.id).encoder_vector.remote(P.EncoderVectorRequest(req.index)))
         return S.UtilSaeVectorResponse(vector=vec, hook_name=spec.hook_name)
 
+    async def similarity_matrix_pred(self, req: S.SimilarityMatrixPredRequest) -> S.SimilarityMatrixPredResponse:
+        """A temporal SAE's predicted codes compared between positions (engine.features.predicted_similarity), on the
+        SAEShard replica holding the SAE. Tokenized as the model does by default (TransformerLens's
+        ``tokenizer_prepends_bos``); position 0 is dropped whatever it is (for GPT-2 a real token)."""
+        b = self.backend
+        self.check_model(req.model_id)
+        spec = b.spec(req.source_id)
+        if spec.architecture != "temporal":
+            raise RequestError(f"{spec.id} is a {spec.architecture} SAE: similarity-matrix-pred needs a temporal SAE "
+                               "(SAE Lens architecture 'temporal')")
+        await b.ensure_ready()
+        tok = await self.tokens(req.text, feature=False, limit=b.activation_token_limit)
+        if not tok.ids:
+            raise RequestError("text is empty")
+        (res,) = await b.features([P.FeatureJob(tok.ids, [P.SaeTask(spec.id, spec.hook_name, P.SimilarityOp())])])
+        return S.SimilarityMatrixPredResponse(similarity_matrix=res.results[0].tolist(), tokens=tok.strs[1:])
+
     async def capabilities(self, _req=None) -> S.CapabilitiesResponse:
         """What this deployment serves: model, SAEs, limits, routes, steering methods."""
         b = self.backend
@@ -70,6 +88,8 @@ class UtilHandler(Handler):
             limits={"token_limit": b.token_limit, "max_batch_prompts": a.limits.max_batch_prompts,
                     "max_num_results": a.limits.max_num_results, "max_top_k": a.limits.max_top_k,
                     "max_cossim_results": MAX_COSSIM_RESULTS, "max_completion_tokens": a.limits.max_completion_tokens,
+                    "activation_token_limit": b.activation_token_limit,
+                    "neuronpedia_max_batch_prompts": a.limits.neuronpedia_max_batch_prompts,
                     "max_loaded_saes_per_replica": a.saes.max_loaded},
             routes=self.routes,
             steer_methods=[m.value for m in S.SteerMethod] if any(r.startswith("/v1/steer") for r in self.routes) else [],

@@ -74,3 +74,19 @@ def test_baseline_matches_reference(tiny):
     want = reference.ranked([feats], 5, [], ignore_bos=True)
     assert [r["index"] for r in got[:5]] == [r[1] for r in want]
     torch.testing.assert_close(torch.tensor([r["max_value"] for r in got[:5]]), torch.tensor([r[2] for r in want]))
+
+
+def test_targets_take_the_lower_bar_and_name_the_shape():
+    """Demo all-set at c=16 must reach the lower of 2x the baseline and 75% of tokenize's req/s (issue 14)."""
+    def result(all_rps):
+        svc = [{"workload": "tokenize", "concurrency": 16, "rps": 100.0, "rps_ratio": 0.5},
+               {"workload": "all-set", "concurrency": 16, "rps": all_rps, "rps_ratio": all_rps / 40.0},
+               {"workload": "all-set", "concurrency": 1, "rps": 10.0, "rps_ratio": 0.4, "added_p50_ms": 12.0}]
+        return {"shape": "demo", "service": svc}
+
+    miss = {c["target"]: c for c in run.check_targets(result(70.0))}
+    bar = next(c for t, c in miss.items() if t.startswith("all-set req/s"))
+    assert "= 75.0" in bar["target"] and not bar["ok"]  # min(2 x 40, 0.75 x 100) = 75
+    assert next(c for t, c in miss.items() if "added p50" in t)["ok"]
+    assert next(c for c in run.check_targets(result(76.0)) if c["target"].startswith("all-set req/s"))["ok"]
+    assert run.check_targets({"shape": "tiny", "service": result(76.0)["service"]}) == []

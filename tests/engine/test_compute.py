@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_generation_steps_run_on_the_compute_thread_and_other_work_interleaves(r
         req = GenerationRequest(tokens=[1, 5, 9, 2], max_new_tokens=12, temperature=0.0, seed=0, stop_tokens=[])
 
         async def main():
-            sched = GenerationScheduler(model, max_rows=4, wait_s=0.0, run=run)
+            sched = GenerationScheduler(model, max_rows=4, run=run)
             sub = sched.submit([req])
             toks, other = [], None
             async for events in sub:
@@ -83,7 +84,7 @@ def test_generation_steps_run_on_the_compute_thread_and_other_work_interleaves(r
 
         toks = asyncio.run(main())
         assert step_threads == {c.call(threading.get_ident)}
-        assert toks == tokens_of(generate(model, [req], decode_rows=4)[0])  # same tokens as the direct call
+        assert toks == tokens_of(generate(model, [req])[0])  # same tokens as the direct call
         i = order.index("other")
         assert 0 < i < len(order) - 1  # it ran between decode steps
     finally:
@@ -106,7 +107,7 @@ def threads_of(c: ComputeThread, light: bool) -> int:
 
 
 def test_a_lone_light_task_bursts_and_everything_else_runs_narrow(lock_path):
-    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0)
     try:
         assert threads_of(c, light=True) == 2
         assert threads_of(c, light=False) == 1
@@ -137,7 +138,7 @@ def test_no_burst_while_another_process_computes(lock_path):
          f"fd = os.open({lock_path!r}, os.O_RDONLY | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
-    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert threads_of(c, light=True) == 1
@@ -152,7 +153,7 @@ def test_no_burst_while_another_process_computes(lock_path):
 def test_ordinary_work_waits_while_another_replica_bursts(lock_path):
     """Narrow work does not oversubscribe the cores under someone else's burst: it starts when the burst ends."""
     other = CPULock(lock_path)
-    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0)
     try:
         assert other.try_exclusive()
         started = threading.Event()
@@ -179,7 +180,7 @@ def test_a_burst_that_never_ends_does_not_stall_others(lock_path, monkeypatch):
     monkeypatch.setattr(CPULock, "max_wait_s", 0.2)
     stuck = CPULock(lock_path)
     assert stuck.try_exclusive()
-    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0)
     try:
         assert c.call(lambda: 7) == 7
         stuck.release()
@@ -190,7 +191,7 @@ def test_a_burst_that_never_ends_does_not_stall_others(lock_path, monkeypatch):
 
 
 def test_a_cancelled_queued_task_does_not_stop_bursts(lock_path):
-    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0)
     try:
         gate = threading.Event()
 
@@ -238,3 +239,27 @@ def test_available_cpus_reads_a_cgroup_quota(tmp_path, monkeypatch):
     assert C._cgroup_cpu_quota(tmp_path / "nothing") is None
     monkeypatch.setattr(C, "_cgroup_cpu_quota", lambda: 1.5)
     assert C.available_cpus() == min(2, len(os.sched_getaffinity(0)))
+
+
+def test_only_kinds_of_task_heavy_enough_burst(lock_path):
+    """A kind of light task bursts once tasks of that kind did at least min_burst_work_s of work; a cheap kind
+    stays narrow (a burst costs more than it saves there)."""
+    c = ComputeThread("b", torch_threads=1, burst_threads=2, lock_path=lock_path, min_burst_work_s=0.02)
+
+    def heavy():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.03:  # 30 ms of CPU work on this thread (waiting would not count)
+            pass
+        return torch.get_num_threads()
+
+    async def main():
+        first = await c.run(heavy, light="heavy")  # its work is not known yet: narrow
+        second = await c.run(heavy, light="heavy")
+        cheap = [await c.run(torch.get_num_threads, light="cheap") for _ in range(3)]
+        return first, second, cheap
+
+    try:
+        first, second, cheap = asyncio.run(main())
+        assert (first, second, cheap) == (1, 2, [1, 1, 1])
+    finally:
+        c.shutdown()

@@ -92,30 +92,81 @@ def test_rows_do_not_depend_on_each_other(hv):
             assert torch.equal(alone[0], full[i])
 
 
-def test_batch_steering_hooks_apply_each_vector_once_at_its_own_hook():
+def slot_apply(st, name, h, rows=None, positions=None):
+    bad = torch.zeros(h.shape[0], dtype=torch.long)
+    out = st.apply(name, h, slice(0, h.shape[0]) if rows is None else rows, positions, bad)
+    return out, bad
+
+
+def test_slot_steering_applies_each_vector_once_at_its_own_hook():
     d = 8
     v1, v2, v3 = (np.eye(d, dtype=np.float32)[k] for k in range(3))
-    rows = [
-        [St.SteerVector("a", v1, 2.0), St.SteerVector("b", v2, 3.0)],  # one at each hook
-        [St.SteerVector("a", v1, 1.0), St.SteerVector("a", v3, 5.0, St.PROJECTION_CAP)],  # two at one hook
-        [],  # DEFAULT
-    ]
-    bs = St.BatchSteering(rows)
-    hooks = dict(bs.fwd_hooks())
-    assert set(hooks) == {"a", "b"}
+    st = St.SlotSteering(4, {"a": d, "b": d}, "cpu")
+    st.set_row(0, [St.SteerVector("a", v1, 2.0), St.SteerVector("b", v2, 3.0)])  # one at each hook
+    st.set_row(1, [St.SteerVector("a", v1, 1.0), St.SteerVector("a", v3, 5.0, St.PROJECTION_CAP)])  # two at one hook
+    st.set_row(2, [])  # DEFAULT
+    assert st.active_hooks == {"a", "b"}
     h = torch.ones(3, 2, d) * 10
-    a, b = hooks["a"](h.clone()), hooks["b"](h.clone())
+    (a, _), (b, _) = slot_apply(st, "a", h.clone()), slot_apply(st, "b", h.clone())
     assert torch.equal(a[0, :, 0], torch.full((2,), 12.0)) and torch.equal(a[0, :, 1], torch.full((2,), 10.0))
     assert torch.equal(b[0, :, 1], torch.full((2,), 13.0)) and torch.equal(b[0, :, 0], torch.full((2,), 10.0))
     assert torch.allclose(a[1, :, 0], torch.full((2,), 11.0)) and torch.allclose(a[1, :, 2], torch.full((2,), 5.0))
     assert torch.equal(b[1], h[1]) and torch.equal(a[2], h[2]) and torch.equal(b[2], h[2])
     # hook_z-shaped activations are steered on the flattened heads
     z = torch.zeros(3, 2, 2, d // 2)
-    assert torch.equal(hooks["a"](z)[0].reshape(2, d)[:, 0], torch.full((2,), 2.0))
-    # positions mask, read at call time
-    bs.positions = torch.tensor([[False, True]] * 3)
-    a = hooks["a"](h.clone())
+    assert torch.equal(slot_apply(st, "a", z)[0][0].reshape(2, d)[:, 0], torch.full((2,), 2.0))
+    # a positions mask, and rows addressed by slot index
+    a, _ = slot_apply(st, "a", h.clone(), positions=torch.tensor([[False, True]] * 3))
     assert torch.equal(a[0, 0], h[0, 0]) and a[0, 1, 0] == 12.0
+    a, _ = slot_apply(st, "a", h[:2].clone(), rows=torch.tensor([2, 0]))
+    assert torch.equal(a[0], h[0]) and a[1, 0, 0] == 12.0
+    # rows leave and move: their tables go with them, and a cleared hook is inactive
+    st.move_row(0, 3)
+    a, _ = slot_apply(st, "a", h[:1].clone(), rows=torch.tensor([3]))
+    assert a[0, 0, 0] == 12.0 and torch.equal(slot_apply(st, "a", h[:1].clone(), rows=torch.tensor([0]))[0], h[:1])
+    st.clear_row(3)
+    assert st.active_hooks == {"a"}
+    st.clear_row(1)
+    assert st.active_hooks == set()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_slot_steering_equals_the_reference_functions(hv, method):
+    """The engine's fused per-slot update against ``apply`` (float32 rounding apart: 1e-5 relative)."""
+    h, v, c = hv
+    if method == St.PROJECTION_CAP:
+        c = c - 3
+    st = St.SlotSteering(B, {"x": D}, "cpu")
+    for i in range(B):
+        st.set_row(i, [St.SteerVector("x", v[i].numpy(), float(c[i]), method)])
+    out, bad = slot_apply(st, "x", h)
+    ref = St.apply(h, method, v, c, torch.ones(B, dtype=torch.bool))
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5) and not bad.any()
+    for i in range(B):  # and each row alone, bit for bit
+        alone, _ = slot_apply(st, "x", h[i:i + 1], rows=torch.tensor([i]))
+        assert torch.equal(alone[0], out[i])
+
+
+@pytest.mark.parametrize("method", [St.ORTHOGONAL_DECOMP, St.PROJECTION_CAP])
+def test_a_tiny_vector_projects_like_its_direction(hv, method):
+    """|v|^2 of a 1e-30 vector underflows float32: the engine normalises in float64, so only the direction counts."""
+    h, v, _ = hv
+    st = St.SlotSteering(2, {"x": D}, "cpu")
+    st.set_row(0, [St.SteerVector("x", (v[0] * 1e-30).numpy(), 0.5, method)])
+    st.set_row(1, [St.SteerVector("x", (v[0] / v[0].norm()).numpy(), 0.5, method)])
+    out, bad = slot_apply(st, "x", h[:1].expand(2, P, D).clone())
+    assert torch.isfinite(out).all() and not bad.any()
+    assert torch.allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+
+
+def test_non_finite_steering_is_reported_for_its_row_only(hv):
+    h, v, _ = hv
+    st = St.SlotSteering(B, {"x": D}, "cpu")
+    st.set_row(1, [St.SteerVector("x", v[1].numpy(), 3e38, St.ORTHOGONAL_DECOMP)])  # (coeff - 1) h.v overflows
+    st.set_row(2, [St.SteerVector("x", v[2].numpy(), 2.0)])
+    out, bad = slot_apply(st, "x", h)
+    assert bad.tolist() == [0, st.hook_ids["x"], 0]
+    assert torch.equal(out[0], h[0]) and torch.isfinite(out[2]).all()
 
 
 def test_prepare_vector_checks_and_normalises():
@@ -136,3 +187,11 @@ def test_prepare_vector_checks_and_normalises():
         prepare_vector([1.0], float("inf"), St.SIMPLE_ADDITIVE, normalize=False)
     with pytest.raises(RequestError):
         prepare_vector([1e39], 1.0, St.SIMPLE_ADDITIVE, normalize=False)  # not representable in float32
+    # finite in float64, not in the float32 arithmetic: refused before the row joins, naming the field
+    with pytest.raises(RequestError, match="beyond float32"):
+        prepare_vector([1.0, 0.0], 1e39, St.ORTHOGONAL_DECOMP, normalize=False, what="vectors[0]")
+    with pytest.raises(RequestError, match="vectors\\[0\\].*overflows float32"):
+        prepare_vector([1e30, 0.0], 1e9, St.SIMPLE_ADDITIVE, normalize=False, what="vectors[0]")
+    with pytest.raises(RequestError, match="zero vector in float32"):
+        prepare_vector([1e-50, 0.0], 1.0, St.PROJECTION_CAP, normalize=False)  # float32 flushes it to 0
+    assert np.all(prepare_vector([1e-30, 1e-30], 1.0, St.PROJECTION_CAP, normalize=False) > 0)  # tiny is fine

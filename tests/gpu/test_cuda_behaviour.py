@@ -81,15 +81,15 @@ def _gen_model(long_pack, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_generation_rows_alone_and_together(long_pack, device, dtype):
     """Seeded rows of 6, 70 and 1100 prompt tokens give the same tokens alone and in one wave (the engine promises
-    this exactly: prefill alone, decode at a fixed row count)."""
+    this on a GPU with fixed shapes, its default there: every step decodes all slots, each prompt is prefilled alone)."""
     from deployments.engine.generate import GenerationRequest, generate, tokens_of
 
     m = _gen_model(long_pack, device, dtype)
     reqs = [GenerationRequest(tokens=_prompt(m.cfg.d_vocab, m.tokenizer.bos_token_id, n, 10 + i), max_new_tokens=6,
                               temperature=1.0, seed=3 + i, stop_tokens=[]) for i, n in enumerate(LENGTHS.values())]
-    together = generate(m, reqs, decode_rows=8)
+    together = generate(m, reqs, capacity=8)
     for r, ev in zip(reqs, together):
-        assert tokens_of(generate(m, [r], decode_rows=8)[0]) == tokens_of(ev)
+        assert tokens_of(generate(m, [r], capacity=8)[0]) == tokens_of(ev)
 
 
 async def _collect(sub):
@@ -115,7 +115,7 @@ def test_float16_overflow_is_that_requests_400(long_pack, device):
                              stop_tokens=[], steering=[SteerVector(hook, vec, 1e5)])
 
     async def run(rows):
-        sched = GenerationScheduler(m, max_rows=4, wait_s=0.05)
+        sched = GenerationScheduler(m, max_rows=4)
         subs = [sched.submit([r]) for r in rows]
         return await asyncio.gather(*(_collect(s) for s in subs), return_exceptions=True)
 
@@ -175,7 +175,7 @@ def test_generation_oom_is_a_503_and_the_next_wave_runs(long_pack, cuda_only):
     bos = m.tokenizer.bos_token_id
     small = GenerationRequest(tokens=_prompt(m.cfg.d_vocab, bos, 8, 1), max_new_tokens=3, seed=1, stop_tokens=[])
     big = GenerationRequest(tokens=_prompt(m.cfg.d_vocab, bos, 2000, 2), max_new_tokens=3, seed=2, stop_tokens=[])
-    sched = GenerationScheduler(m, max_rows=16, wait_s=0.01)
+    sched = GenerationScheduler(m, max_rows=16)
 
     async def one(r):
         return await _collect(sched.submit([r]))

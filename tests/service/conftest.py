@@ -46,7 +46,19 @@ def att_sae_dir(pack_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def serve_app(ray_session, pack_dir, att_sae_dir):
+def temporal_sae_dir(pack_dir, tmp_path_factory):
+    """A temporal SAE on ``blocks.1.hook_resid_post`` beside the pack's, served as ``1-temporal-demo`` (for
+    util/similarity-matrix-pred)."""
+    import json
+
+    from tests.packs import write_temporal_sae
+
+    cfg = json.loads((pack_dir / "model" / "config.json").read_text())
+    return write_temporal_sae(tmp_path_factory.mktemp("saes") / "temporal-demo" / "1", cfg["d_model"], layer=1)
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_session, pack_dir, att_sae_dir, temporal_sae_dir):
     """The real application (build_app + serve.run) on the demo pack, with auth on. Yields the base URL."""
     from ray import serve
 
@@ -55,7 +67,7 @@ def serve_app(ray_session, pack_dir, att_sae_dir):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], sae_dirs=[str(att_sae_dir)], secret=SECRET,
+    args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], sae_dirs=[str(att_sae_dir), str(temporal_sae_dir)], secret=SECRET,
                    token_limit=64, max_batch_prompts=4)
     serve.run(build_app(args), name="saeserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -86,3 +98,10 @@ def np_client(serve_app):
     cfg = Configuration(host=f"{serve_app}/v1", api_key={"SimpleSecretAuth": SECRET})
     with ApiClient(cfg) as api:
         yield DefaultApi(api)
+
+
+@pytest.fixture(scope="session")
+def np_web(serve_app):
+    """HTTP as Neuronpedia's web app (2026-08) speaks it: inference host ``<base>/neuronpedia``, X-SECRET-KEY always."""
+    with httpx.Client(base_url=f"{serve_app}/neuronpedia", timeout=60, headers={"X-SECRET-KEY": SECRET}) as c:
+        yield c

@@ -18,7 +18,6 @@ from neuronpedia_inference_client.models import (
     TokenizePostRequest,
 )
 
-from deployments.engine.compute import available_cpus
 from tests.compare import assert_same_answer, is_first_argmax_up_to_drift
 from tests import reference as R
 
@@ -170,19 +169,19 @@ def test_capture_stats_count_every_prompt_of_concurrent_requests(np_client):
     assert after["compute"]["tasks"] - before["compute"]["tasks"] >= after["batches"] - before["batches"]
 
 
-@pytest.mark.skipif(available_cpus() < 2, reason="a CPU burst needs a second core")
-def test_a_lone_request_bursts_onto_idle_cores(np_client):
-    """With nothing else computing on the machine, a lone request's forward pass runs on the idle cores too
-    (engine.compute). The differential tests in this module send lone requests, so they check bursts' answers."""
+def test_a_lone_cheap_request_does_not_burst(np_client):
+    """A lone request's work bursts onto idle cores only when its kind of task is heavy enough for that to pay
+    (engine.compute; tests/engine/test_compute.py shows both sides): the demo pack's millisecond forward pass and
+    encodes run narrow, where a burst measured slower."""
     from ray import serve
 
     model = serve.get_deployment_handle("ModelDeployment", app_name="saeserve")
     kw = dict(model=MODEL_ID, source_set="res-demo", selected_sources=[], sort_by_token_indexes=[], ignore_bos=True, num_results=3)
     before = model.capture_stats.remote().result()["compute"]
-    for _ in range(3):  # one is enough: another process on this machine may be computing during one of them
+    for _ in range(3):
         np_client.activation_all_post(ActivationAllPostRequest(prompt=TEXT, **kw))
     after = model.capture_stats.remote().result()["compute"]
-    assert after["burst_tasks"] > before["burst_tasks"]
+    assert after["tasks"] > before["tasks"] and after["burst_tasks"] == before["burst_tasks"]
 
 
 @pytest.mark.parametrize("ignore_bos", [True, False])

@@ -22,6 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+from ingress import haproxy_env  # noqa: E402
+
 
 def _exe() -> list[str]:
     script = Path(sys.executable).parent / "neuronpedia-server"
@@ -33,6 +35,8 @@ def _env() -> dict:
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("SECRET", None)
+    for var in haproxy_env.ALL_VARS:  # the CLI's Ray gets HAProxy files and ports of its own, apart from this session's
+        env.pop(var, None)
     return env
 
 

@@ -55,6 +55,10 @@ OK_CASES = [
     ("util_sae_topk_by_decoder_cossim", "/v1/util/sae-topk-by-decoder-cossim",
      S.UtilSaeTopkByDecoderCossimRequest(vector=[math.sin(i) for i in range(D_MODEL)], model=MODEL_ID, source="0-res-demo", num_results=5)),
     ("util_sae_vector", "/v1/util/sae-vector", S.UtilSaeVectorRequest(model=MODEL_ID, source="1-res-demo", index=7)),
+    ("activation_attention", "/v1/activation/attention",
+     S.ActivationAttentionRequest(prompt=TEXT, model=MODEL_ID, layer=1, head=2)),
+    ("util_similarity_matrix_pred", "/v1/util/similarity-matrix-pred",
+     S.SimilarityMatrixPredRequest(model_id=MODEL_ID, source_id="1-temporal-demo", index=0, text=TEXT)),
 ]
 
 ok_all = S.ActivationAllRequest(prompt="hello", num_results=3, **ALL)
@@ -83,6 +87,12 @@ BAD_CASES = [
     ("util_sae_topk_by_decoder_cossim", "/v1/util/sae-topk-by-decoder-cossim",
      S.UtilSaeTopkByDecoderCossimRequest(model=MODEL_ID, source="0-res-demo", num_results=3), "exactly one of feature or vector"),
     ("util_sae_vector", "/v1/util/sae-vector", S.UtilSaeVectorRequest(model=MODEL_ID, source="1-res-demo", index=10**7), "out of range"),
+    ("activation_attention", "/v1/activation/attention",
+     S.ActivationAttentionRequest(prompt="hi", model=MODEL_ID, layer=99, head=0), "Invalid layer: 99"),
+    ("activation_attention", "/v1/activation/attention",
+     S.ActivationAttentionRequest(prompt=LONG, model=MODEL_ID, layer=0, head=0), "Text too long"),
+    ("util_similarity_matrix_pred", "/v1/util/similarity-matrix-pred",
+     S.SimilarityMatrixPredRequest(model_id=MODEL_ID, source_id="0-res-demo", index=0, text="hi"), "needs a temporal SAE"),
 ]
 
 if hasattr(S, "SteerCompletionRequest"):  # steering: greedy (temperature 0), so both calls write the same text

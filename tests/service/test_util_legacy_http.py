@@ -100,7 +100,8 @@ def test_capabilities(http, pack_dir):
     c = r.json()
     m = R.model(str(pack_dir))
     assert c["model"] == MODEL_ID and c["n_layers"] == m.cfg.n_layers and c["d_model"] == m.cfg.d_model
-    assert c["sae_sets"] == {"res-demo": [f"{i}-res-demo" for i in range(m.cfg.n_layers)], "att-demo": ["0-att-demo"]}
+    assert c["sae_sets"] == {"res-demo": [f"{i}-res-demo" for i in range(m.cfg.n_layers)], "att-demo": ["0-att-demo"],
+                             "temporal-demo": ["1-temporal-demo"]}
     assert {s["hook_name"] for s in c["saes"]} == {f"blocks.{i}.hook_resid_post" for i in range(m.cfg.n_layers)} | {"blocks.0.attn.hook_z"}
     assert "/v1/activation/all" in c["routes"] and "/activations-all" in c["routes"]
     assert c["limits"]["token_limit"] == 64
