@@ -289,8 +289,7 @@ class LensHandler(Handler):
             intervention = P.LensIntervention(steer=steer, layers=layers, strength=strength, ablate=req.steer_ablate,
                                               swap=swap, generated=req.steer_generated_tokens,
                                               skip_tokens=[bos] if bos is not None else [])
-            if layers:
-                reuse_len = 0  # the client's cached read-outs come from an unsteered run
+            reuse_len = 0  # the client's cached read-outs come from an unsteered run
 
         # --- chat spans ---
         spans, gen_index, channel = None, None, None
