@@ -90,7 +90,8 @@ class UtilHandler(Handler):
                     "max_cossim_results": MAX_COSSIM_RESULTS, "max_completion_tokens": a.limits.max_completion_tokens,
                     "activation_token_limit": b.activation_token_limit,
                     "neuronpedia_max_batch_prompts": a.limits.neuronpedia_max_batch_prompts,
-                    "max_loaded_saes_per_replica": a.saes.max_loaded},
+                    "max_loaded_saes_per_replica": a.saes.max_loaded,
+                    "lens_token_limit": min(a.limits.lens_token_limit, b.info.n_ctx)},
             routes=self.routes,
             steer_methods=[m.value for m in S.SteerMethod] if any(r.startswith("/v1/steer") for r in self.routes) else [],
         )
