@@ -278,6 +278,7 @@ def test_bad_lens_requests(np_web, http):
         assert "exactly one of" in lens_error(client, conv(web_body(prompt=None)), 400, dialect)["error"]
         assert "too long" in lens_error(client, conv(web_body(prompt="cat " * 300)), 400, dialect)["error"].lower()
         assert "top_n" in lens_error(client, conv(web_body(topN=0)), 400, dialect)["error"]
+        assert "zero tokens" in lens_error(client, conv(web_body(prompt="", prependBos=False)), 400, dialect)["error"]
         err = lens_error(client, conv(web_body(steerLayers=[1], steerStrength=1,
                                                steerTokens=[{"token": "zzqx-not-a-token", "type": "LOGIT_LENS"}])), 400,
                          dialect)["error"]
