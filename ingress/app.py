@@ -38,7 +38,7 @@ from .dialects import DIALECTS, V1, Dialect
 from .endpoints import ENDPOINTS, Endpoint, route_paths
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .handlers import Handlers
-from .limits import LimitsMiddleware
+from .limits import BodyMiddleware, LimitsMiddleware
 
 log = logging.getLogger("saeserve.ingress")
 
@@ -50,6 +50,7 @@ app = FastAPI(
     version="0.1.0",
 )
 install_error_handlers(app)
+app.add_middleware(BodyMiddleware)  # innermost: the body read whole and counted (413), after auth
 app.add_middleware(AuthMiddleware)
 app.add_middleware(LimitsMiddleware)  # outermost: size and time limits wrap everything, auth included
 

@@ -70,7 +70,13 @@ class LimitArgs(Section):
     max_batch_prompts: int = Field(16, ge=1, description="Most prompts in one `*-batch` or `activation/source` request")
     max_num_results: int = Field(1000, ge=1, description="Cap on activation/all's `num_results`")
     max_top_k: int = Field(100, ge=1, description="Cap on topk-by-token's `top_k`")
-    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above)")
+    max_steer_vectors: int = Field(64, ge=1, description="Most steering `features` (or `vectors`) in one steer request")
+    max_steer_work: int = Field(1 << 15, ge=1, description="Most steering work in one steer request: (features + "
+                                "vectors) x steered rows x (prompt tokens + `n_completion_tokens`); each vector is applied "
+                                "at every position of every forward pass, so this bounds what one request adds to the "
+                                "generation batch it shares")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 above, whether the "
+                                "size is declared in Content-Length or counted while a chunked body is read)")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this gets 503 + Retry-After")
     activation_token_limit: Optional[int] = Field(None, ge=1, description="Most tokens in one prompt of "
                                                   "activation/attention and util/similarity-matrix-pred, and of every "

@@ -259,6 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import haproxy_env
 
             haproxy_env.isolate()  # its own files and side ports: another Ray's HAProxy on this machine stays apart
+        from .header_timeout import ray_env
+
+        os.environ.update(ray_env(ns.http_proxy == "haproxy"))  # slow request headers get a 408
     app, specs = _build(args, parser)
     _setup_logging()
     log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))

@@ -6,12 +6,76 @@ models; behaviour is documented in the README and CONTRACT.
 
 from __future__ import annotations
 
+import re
+from array import array
 from enum import Enum
 from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import StrictStr as _StrictStr
+from pydantic_core import PydanticCustomError
 
-Number = Union[StrictFloat, StrictInt]
+# Error types the ingress answers with 400 rather than FastAPI's 422 (ingress.errors): the JSON is well-formed and of
+# the right type, but the value cannot be used.
+INVALID_UNICODE = "invalid_unicode"
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(s: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); Python decodes it to a code point that is not a
+    character, which no tokenizer, encoder or reply can take. Refused here, for every text field."""
+    m = _SURROGATE.search(s)
+    if m is not None:
+        raise PydanticCustomError(
+            INVALID_UNICODE, "text is not valid Unicode: a lone UTF-16 surrogate (U+{code}) at character {at}; send "
+            "characters outside the Basic Multilingual Plane as a surrogate pair or as UTF-8",
+            {"code": f"{ord(m.group()):04X}", "at": m.start()})
+    return s
+
+
+_INT_FLOAT_BOUND = 2 ** 1023  # every int of smaller magnitude converts to a finite float
+
+
+def _in_float_range(v):
+    """A JSON integer too large for a float (``1`` followed by 400 zeros) is no number a tensor can hold."""
+    if type(v) is int and not -_INT_FLOAT_BOUND < v < _INT_FLOAT_BOUND:
+        try:
+            float(v)
+        except OverflowError:
+            raise PydanticCustomError("float_range", "number is beyond the range of a float (about 1.8e308)") from None
+    return v
+
+
+def _floats_in_range(v: list) -> list:
+    try:
+        array("d", v)  # every entry as a C double, at C speed: OverflowError for an integer no float holds
+    except OverflowError:
+        for i, x in enumerate(v):
+            try:
+                _in_float_range(x)
+            except PydanticCustomError:
+                raise PydanticCustomError("float_range", "entry {index} is beyond the range of a float (about 1.8e308)",
+                                          {"index": i}) from None
+    return v
+
+
+# Text: a JSON string that is valid Unicode. Number: a JSON number a float can hold (non-finite values, which
+# Python's JSON parser reads from NaN / Infinity / 1e400, are refused by the handlers with a message naming the field).
+StrictStr = Annotated[_StrictStr, AfterValidator(_valid_unicode)]
+Number = Annotated[Union[StrictFloat, StrictInt], AfterValidator(_in_float_range)]
+Vector = Annotated[list[Union[StrictFloat, StrictInt]], Field(fail_fast=True), AfterValidator(_floats_in_range)]
+
+
+class _FailFastList:
+    """``Items[X]``: a request's list of X, validated fail-fast (a million bad entries make one error, not a million
+    error objects: building those took 16 s of the ingress's event loop for a 4 MB body)."""
+
+    def __class_getitem__(cls, item):
+        return Annotated[list[item], Field(fail_fast=True)]
+
+
+Items = _FailFastList
 
 
 class Wire(BaseModel):
@@ -49,16 +113,16 @@ class ActivationSingleRequest(Wire):
     model: StrictStr
     source: Optional[StrictStr] = None
     index: Optional[StrictStr] = None
-    vector: Optional[list[Number]] = None
+    vector: Optional[Vector] = None
     hook: Optional[StrictStr] = None
 
 
 class ActivationSingleBatchRequest(Wire):
-    prompts: list[StrictStr]
+    prompts: Items[StrictStr]
     model: StrictStr
     source: Optional[StrictStr] = None
     index: Optional[StrictStr] = None
-    vector: Optional[list[Number]] = None
+    vector: Optional[Vector] = None
     hook: Optional[StrictStr] = None
 
 
@@ -88,24 +152,24 @@ class ActivationAllRequest(Wire):
     prompt: StrictStr
     model: StrictStr
     source_set: StrictStr
-    selected_sources: list[StrictStr]
-    sort_by_token_indexes: list[StrictInt]
+    selected_sources: Items[StrictStr]
+    sort_by_token_indexes: Items[StrictInt]
     ignore_bos: StrictBool
     num_results: Optional[StrictInt] = 25
-    feature_filter: Optional[list[StrictInt]] = Field(
+    feature_filter: Optional[Items[StrictInt]] = Field(
         default=None, description="Only rank these features (needs exactly one selected source)."
     )
 
 
 class ActivationAllBatchRequest(Wire):
-    prompts: list[StrictStr]
+    prompts: Items[StrictStr]
     model: StrictStr
     source_set: StrictStr
-    selected_sources: list[StrictStr]
-    sort_by_token_indexes: list[StrictInt]
+    selected_sources: Items[StrictStr]
+    sort_by_token_indexes: Items[StrictInt]
     ignore_bos: StrictBool
     num_results: Optional[StrictInt] = 25
-    feature_filter: Optional[list[StrictInt]] = None
+    feature_filter: Optional[Items[StrictInt]] = None
 
 
 class ActivationAllFeature(Wire):
@@ -142,7 +206,7 @@ class ActivationTopkByTokenRequest(Wire):
 
 
 class ActivationTopkByTokenBatchRequest(Wire):
-    prompts: list[StrictStr]
+    prompts: Items[StrictStr]
     model: StrictStr
     source: StrictStr
     top_k: Optional[StrictInt] = None
@@ -174,7 +238,7 @@ class ActivationTopkByTokenBatchResponse(Wire):
 
 
 class ActivationSourceRequest(Wire):
-    prompts: list[StrictStr]
+    prompts: Items[StrictStr]
     model: StrictStr
     source: StrictStr
 
@@ -204,7 +268,7 @@ class NPFeature(Wire):
 
 class UtilSaeTopkByDecoderCossimRequest(Wire):
     feature: Optional[NPFeature] = None
-    vector: Optional[list[Number]] = None
+    vector: Optional[Vector] = None
     model: StrictStr
     source: StrictStr
     num_results: StrictInt
@@ -285,12 +349,12 @@ class LegacyActivationsAllRequest(Wire):
     text: StrictStr
     model: StrictStr
     source_set: StrictStr
-    selected_layers: list[StrictStr] = Field(default_factory=list)
+    selected_layers: Items[StrictStr] = Field(default_factory=list)
     secret: Optional[StrictStr] = None
-    sort_indexes: list[StrictInt] = Field(default_factory=list)
+    sort_indexes: Items[StrictInt] = Field(default_factory=list)
     ignore_bos: StrictBool = True
     num_results: Optional[StrictInt] = 25
-    feature_filter: Optional[list[StrictInt]] = None
+    feature_filter: Optional[Items[StrictInt]] = None
 
 
 class LegacyActivationsAllResponse(Wire):
@@ -335,11 +399,11 @@ class NPSteerFeature(Wire):
     source: StrictStr
     index: StrictInt
     strength: Number
-    steering_vector: Optional[list[Number]] = None  # ignored: the vector is the SAE's decoder row W_dec[index]
+    steering_vector: Optional[Vector] = None  # ignored: the vector is the SAE's decoder row W_dec[index]
 
 
 class NPSteerVector(Wire):
-    steering_vector: list[Number]
+    steering_vector: Vector
     strength: Number
     hook: StrictStr
 
@@ -353,9 +417,9 @@ class _SteerRequestBase(Wire):
     model: StrictStr
     steer_method: SteerMethod
     normalize_steering: StrictBool
-    types: list[SteerType]
-    features: Optional[list[NPSteerFeature]] = None
-    vectors: Optional[list[NPSteerVector]] = None
+    types: Items[SteerType]
+    features: Optional[Items[NPSteerFeature]] = None
+    vectors: Optional[Items[NPSteerVector]] = None
     n_completion_tokens: StrictInt
     temperature: Number
     strength_multiplier: Number
@@ -370,7 +434,7 @@ class SteerCompletionRequest(_SteerRequestBase):
 
 
 class SteerCompletionChatPostRequest(_SteerRequestBase):
-    prompt: list[NPSteerChatMessage]
+    prompt: Items[NPSteerChatMessage]
     is_assistant_axis: Optional[StrictBool] = False  # accepted; persona monitoring is not implemented (no assistant_axis)
     steer_special_tokens: StrictBool
 
@@ -420,10 +484,10 @@ class LegacySteerFeature(Wire):
 class LegacyCompletionRequest(Wire):
     prompt: StrictStr
     model: StrictStr
-    features: list[LegacySteerFeature]
+    features: Items[LegacySteerFeature]
     secret: Optional[StrictStr] = None
     instruct: StrictBool = False
-    types: list[StrictStr] = Field(default_factory=lambda: ["steered", "default"])
+    types: Items[StrictStr] = Field(default_factory=lambda: ["steered", "default"])
     n_completion_tokens: StrictInt = 64
     temperature: Number = 1.0
     strength_multiplier: Number = 1.0
@@ -504,10 +568,10 @@ class LensPromptRequest(Wire):
     model: StrictStr
     type: list[LensType]
     prompt: Optional[StrictStr] = None
-    chat: Optional[list[LensChatMessage]] = None
-    input_token_ids: list[StrictInt] = Field(default_factory=list)
+    chat: Optional[Items[LensChatMessage]] = None
+    input_token_ids: Items[StrictInt] = Field(default_factory=list)
     top_n: StrictInt = 10
-    layers: list[StrictInt] = Field(default_factory=list)
+    layers: Items[StrictInt] = Field(default_factory=list)
     max_seq_len: Optional[StrictInt] = None
     prepend_bos: StrictBool = True
     enable_thinking: StrictBool = False
@@ -515,9 +579,9 @@ class LensPromptRequest(Wire):
     stream: StrictBool = True
     temperature: Number = 1.0
     num_completion_tokens: StrictInt = 0
-    cached_token_ids: list[StrictInt] = Field(default_factory=list)
-    steer_tokens: list[LensSteerToken] = Field(default_factory=list)
-    steer_layers: list[StrictInt] = Field(default_factory=list)
+    cached_token_ids: Items[StrictInt] = Field(default_factory=list)
+    steer_tokens: Items[LensSteerToken] = Field(default_factory=list)
+    steer_layers: Items[StrictInt] = Field(default_factory=list)
     steer_strength: Number = 0.0
     steer_ablate: StrictBool = False
     swap_token: Optional[LensSteerToken] = None

@@ -37,7 +37,6 @@ from .lens_text import word_flags
 LENS_FILE_KEYS = ("J", "source_layers", "d_model")
 READOUT_ELEMENTS = 1 << 24  # logits per read-out matmul: 64 MB of float32, whatever the vocabulary
 PROMPT_CHUNK = 64  # most prompt positions read out in one step (one compute task)
-NORM_EPS = 1e-12
 
 
 def _hook(layer: int) -> str:
@@ -219,7 +218,7 @@ class LensEngine:
     def directions(self, tokens: list[LensSteerToken], layers: list[int]) -> dict[int, torch.Tensor]:
         """Per layer, the sum of the tokens' unit directions (float32 ``[d_model]``): ``W_U[:, id]``, pulled back
         to ``W_U[:, id] @ J_l`` for a JACOBIAN_LENS token at a fitted layer."""
-        W_U = self.model.W_U
+        W_U = self.model.W_U.detach()
         out = {}
         for layer in layers:
             acc = torch.zeros(self.cfg.d_model, dtype=torch.float32, device=W_U.device)
@@ -253,13 +252,15 @@ def _ablate(d_hat: torch.Tensor):
 
 
 def _add(d: torch.Tensor, strength: float):
+    """``h + s * |h| * d`` with the addition capped at ``|h|``. Its norm relative to ``|h|`` is ``|s| * |d|`` whatever
+    ``h`` is, so the cap is a factor on ``s * d`` computed once, in float64: no strength overflows float32."""
+    d_norm = float(torch.linalg.vector_norm(d.double()))
+    factor = strength * min(1.0, 1.0 / (abs(strength) * d_norm)) if strength != 0 and d_norm > 0 else 0.0
+    v = (d.double() * factor).to(d.dtype)
+
     def edit(h: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-        inj = (strength * norm) * d
-        inj_norm = torch.linalg.vector_norm(inj, dim=-1, keepdim=True)
         # Steering compounds over layers: each layer's addition is capped at |h| so it cannot blow the stream up.
-        scale = torch.where(inj_norm > norm, norm / inj_norm.clamp_min(NORM_EPS), torch.ones_like(inj_norm))
-        return h + inj * scale
+        return h + torch.linalg.vector_norm(h, dim=-1, keepdim=True) * v
     return edit
 
 

@@ -13,6 +13,8 @@ from deployments.hooks import is_attention_map, is_attention_output_hook
 from deployments.specs import SAESpec
 
 from .. import schemas as S
+from ..errors import quoted
+from .numeric import floats, projection_scale, scaled_values
 from .base import Handler
 
 DEFAULT_NUM_RESULTS = 25
@@ -73,19 +75,22 @@ class ActivationHandler(Handler):
         try:
             idx = int(index)
         except ValueError:
-            raise RequestError(f"index must be an integer feature index, got {index!r}") from None
+            raise RequestError(f"index must be an integer feature index, got {quoted(index)}") from None
         check_index(idx, spec.d_sae, spec.id)
         return idx
 
-    def _vector(self, vector: list, hook: str) -> list[float]:
+    def _vector(self, vector: list, hook: str) -> tuple[list[float], float]:
+        """The vector to project on, scaled by a power of two ``s`` into float32's comfortable range, and ``1 / s``
+        (the projection is linear: ``resid @ v = (resid @ (v * s)) / s``, exactly), so that neither a vector of 1e-40s
+        nor one of 1e38s under- or overflows in float32."""
         if is_attention_map(hook):
             raise RequestError(f"{hook} is an attention map ([head, query, key] per prompt), not a per-position "
                                "activation: project onto a hook such as blocks.0.hook_resid_post or blocks.0.attn.hook_z")
         width = self.hook_width(hook)
-        self.check_finite(vector, "vector")
+        v = floats(vector, "vector")
         if len(vector) != width:
             raise RequestError(f"vector has length {len(vector)} but {hook} has width {width} per position")
-        return [float(v) for v in vector]
+        return projection_scale(v)
 
     async def _singles(self, prompts: list[str], req) -> list[S.ActivationSingleResponse]:
         self._single_mode(req.source, req.index, req.vector, req.hook)
@@ -104,13 +109,21 @@ class ActivationHandler(Handler):
                 strs, special = (t.strs[1:], t.special[1:]) if drop else (t.strs, t.special)
                 out.append(self._single_response(r.results[0], strs, special))
             return out
-        vector = self._vector(req.vector, req.hook)
+        vector, unscale = self._vector(req.vector, req.hook)
         toks = await self.tokenize_all(prompts, feature=False)
         for t in toks:
             if not t.ids:
                 raise RequestError("prompt is empty")
         results = await self.run([P.FeatureJob(t.ids, project=(req.hook, vector)) for t in toks])
-        return [self._single_response(r.projection, t.strs, t.special) for t, r in zip(toks, results)]
+        return [self._single_response(self._unscaled(r.projection, unscale), t.strs, t.special) for t, r in zip(toks, results)]
+
+    @staticmethod
+    def _unscaled(res: P.FeatureActivation, factor: float) -> P.FeatureActivation:
+        values = scaled_values(res.values, factor, "this vector")
+        if factor == 1.0:
+            return res
+        return P.FeatureActivation(index=res.index, values=values, max_value=res.max_value * factor,
+                                   max_value_index=res.max_value_index, sum_values=res.sum_values)
 
     @staticmethod
     def _single_response(res: P.FeatureActivation, strs, special) -> S.ActivationSingleResponse:
@@ -149,8 +162,12 @@ class ActivationHandler(Handler):
         if feature_filter is not None:
             if len(chosen) != 1:
                 raise RequestError("feature_filter needs exactly one selected source")
+            d_sae = chosen[0].d_sae
+            if len(feature_filter) > d_sae:  # more entries than features: repeats, and work for nothing
+                raise RequestError(f"feature_filter has {len(feature_filter)} entries but {chosen[0].id} has only {d_sae} "
+                                   "features: list each feature once")
             for i in feature_filter:
-                check_index(i, chosen[0].d_sae, chosen[0].id)
+                check_index(i, d_sae, chosen[0].id)
         return chosen
 
     def num_results(self, n) -> int:
@@ -162,6 +179,10 @@ class ActivationHandler(Handler):
     async def ranked(self, prompts: list[str], chosen: list[SAESpec], n: int, sort_idx: list[int], ignore_bos: bool,
                      feature_filter) -> list[S.ActivationAllResponse]:
         await self.backend.ensure_ready()
+        limit = self.backend.token_limit
+        if len(sort_idx) > limit:  # positions lie within the token limit: a longer list only repeats them
+            raise RequestError(f"sort_by_token_indexes has {len(sort_idx)} entries, but a prompt has at most {limit} tokens: "
+                               "list each position once")
         toks = await self.tokenize_all(prompts)
         jobs = []
         for t in toks:

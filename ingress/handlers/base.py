@@ -42,11 +42,6 @@ class Handler:
         if len(prompts) > most:
             raise RequestError(f"Too many prompts: {len(prompts)}, max is {most} per request")
 
-    @staticmethod
-    def check_finite(values: list[float], what: str) -> None:
-        if not all(math.isfinite(v) for v in values):
-            raise RequestError(f"{what} contains NaN or infinite values")
-
     async def tokens(self, text: str, *, feature: bool = True, prepend_bos: bool | None = None,
                        limit: int | None = None) -> T.Tokenized:
         """Token ids, strings and special flags, within the token limit. ``feature``: the feature endpoints' BOS

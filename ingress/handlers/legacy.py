@@ -7,6 +7,7 @@ from deployments.engine.errors import RequestError
 
 from .. import schemas as S
 from ..auth import secret_matches
+from ..errors import quoted
 from ..backend import Backend
 from .activation import ActivationHandler
 from .base import Handler
@@ -71,18 +72,23 @@ class LegacyHandler(Handler):
     async def completion(self, req: S.LegacyCompletionRequest) -> S.LegacyCompletionResponse:
         self.check_body_secret(req.secret)
         self.check_model(req.model)
+        if len(req.types) > len(S.SteerType):
+            raise RequestError(f"types lists {len(req.types)} entries: ask for each of 'steered' and 'default' at most once")
+        most = self.args.limits.max_steer_vectors
+        if len(req.features) > most:
+            raise RequestError(f"Too many steering features: {len(req.features)}, max is {most} per request")
         kinds = []
         for t in req.types:
             try:
                 kinds.append(S.SteerType(t.upper()))
             except ValueError:
-                raise RequestError(f"Unknown type {t!r}: use 'steered' and/or 'default'") from None
+                raise RequestError(f"Unknown type {quoted(t)}: use 'steered' and/or 'default'") from None
         feats = []
         for f in req.features:
             try:
                 idx = int(f.index)
             except ValueError:
-                raise RequestError(f"index must be an integer feature index, got {f.index!r}") from None
+                raise RequestError(f"index must be an integer feature index, got {quoted(f.index)}") from None
             feats.append(S.NPSteerFeature(model=req.model, source=f.layer, index=idx, strength=f.strength))
         common = dict(model=req.model, steer_method=req.steer_method, normalize_steering=req.normalize_steering,
                       types=kinds, features=feats, n_completion_tokens=req.n_completion_tokens,

@@ -16,7 +16,6 @@ Nothing here imports Ray or torch: handles are duck-typed (see ``ingress.backend
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import aclosing
 from typing import AsyncIterator, Optional
 
@@ -27,6 +26,7 @@ from deployments.engine.errors import RequestError, translate_remote_error
 
 from .. import schemas as S
 from ..dialects import V1, Dialect
+from .numeric import check_temperature, finite
 from .base import INLINE_CHARS, Handler
 
 log = logging.getLogger("saeserve.ingress")
@@ -52,13 +52,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _finite(value, what: str) -> float:
-    v = float(value)
-    if not math.isfinite(v):
-        raise RequestError(f"{what} must be a finite number, got {value}")
-    return v
 
 
 class PreparedLens:
@@ -229,12 +222,10 @@ class LensHandler(Handler):
         most_n = min(MAX_TOP_N, info.d_vocab)
         if not 1 <= req.top_n <= most_n:
             raise RequestError(f"top_n must be between 1 and {most_n}, got {req.top_n}")
-        temperature = _finite(req.temperature, "temperature")
-        if temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {req.temperature}")
+        temperature = check_temperature(req.temperature)
         if req.num_completion_tokens < 0:
             raise RequestError(f"num_completion_tokens must be >= 0, got {req.num_completion_tokens}")
-        strength = _finite(req.steer_strength, "steer_strength")
+        strength = finite(req.steer_strength, "steer_strength")
         if req.max_seq_len is not None and req.max_seq_len < 1:
             raise RequestError(f"max_seq_len must be at least 1, got {req.max_seq_len}")
         limit = min(self.args.limits.lens_token_limit, info.n_ctx)

@@ -11,20 +11,24 @@ Nothing here imports Ray or torch: handles are duck-typed (see ``ingress.backend
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
+
+import numpy as np
 
 from deployments import protocol as P
 from deployments.checks import check_index
 from deployments.engine import tokens as T
 from deployments.engine.errors import RequestError, translate_remote_error
-from deployments.protocol import MAX_LOGPROBS, GenerationRequest, StepEvent, SteerVector, torch_seed
+from deployments.hooks import is_attention_map
+from deployments.protocol import MAX_LOGPROBS, SIMPLE_ADDITIVE, GenerationRequest, StepEvent, SteerVector, torch_seed
 from deployments.steer_vectors import prepare_vector
 
 from .. import schemas as S
-from .base import Handler
+from ..errors import quoted
+from .numeric import check_freq_penalty, check_step, check_temperature, coefficient, direction, finite, floats
+from .base import INLINE_CHARS, Handler
 
 ChatRequest = S.SteerCompletionChatPostRequest
 AnyRequest = Union[S.SteerCompletionRequest, ChatRequest]
@@ -71,11 +75,17 @@ def strip_bos(tokenizer, text: str) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
-def _finite(value, what: str) -> float:
-    v = float(value)
-    if not math.isfinite(v):
-        raise RequestError(f"{what} must be a finite number, got {value}")
-    return v
+def check_steer_work(n_vectors: int, types: list, n_prompt: int, n_new: int, cap: int) -> int:
+    """Steering costs each steered row one pass over its activations per vector, at every position of the prompt
+    and of each generated token: (features + vectors) x steered rows x (prompt + new tokens), at most ``cap``."""
+    steered_rows = sum(t == S.SteerType.STEERED for t in types)
+    tokens = n_prompt + n_new
+    work = n_vectors * steered_rows * tokens
+    if work > cap:
+        raise RequestError(f"Too much steering work: {n_vectors} vectors x {steered_rows} steered row(s) x {tokens} tokens "
+                           f"(prompt + n_completion_tokens) = {work}, max is {cap} (max_steer_work); send fewer vectors or "
+                           "ask for fewer tokens")
+    return work
 
 
 @dataclass
@@ -180,72 +190,118 @@ class SteerHandler(Handler):
     # --- validation ------------------------------------------------------------------------------------------
 
     def _check_scalars(self, req: AnyRequest) -> None:
+        """Everything that needs neither the tokenizer nor an SAE: the request's shape, caps and scalar numbers."""
         self.check_model(req.model)
+        lim = self.args.limits
         if not req.types:
             raise RequestError("types is empty: ask for STEERED, DEFAULT or both")
+        if len(set(req.types)) != len(req.types):
+            raise RequestError(f"types lists a type twice ({quoted([t.value for t in req.types[:8]])}): ask for each of "
+                               "STEERED and DEFAULT at most once")
         if self.dialect.limits_2026:  # the 2026 rule: one of them present; an empty list steers nothing
             if (req.features is None) == (req.vectors is None):
                 raise RequestError("Send exactly one of features or vectors")
         elif bool(req.features) == bool(req.vectors):
             raise RequestError("Send exactly one of features or vectors (a non-empty list)")
+        n_vec = len(req.features or req.vectors or [])
+        if n_vec > lim.max_steer_vectors:
+            what = "features" if req.features else "vectors"
+            raise RequestError(f"Too many steering {what}: {n_vec}, max is {lim.max_steer_vectors} per request")
         n_lp = req.n_logprobs or 0
         if not 0 <= n_lp <= MAX_LOGPROBS:
-            raise RequestError(f"n_logprobs must be between 0 and {MAX_LOGPROBS}, got {n_lp}")
-        temp = _finite(req.temperature, "temperature")
-        if temp < 0:
-            raise RequestError(f"temperature must be >= 0, got {req.temperature}")
-        _finite(req.freq_penalty, "freq_penalty")
-        _finite(req.strength_multiplier, "strength_multiplier")
-        _finite(req.seed, "seed")
+            raise RequestError(f"n_logprobs must be between 0 and {MAX_LOGPROBS}, got {quoted(n_lp, 40)}")
+        check_temperature(req.temperature)
+        check_freq_penalty(req.freq_penalty, self.backend.info.n_ctx)
+        finite(req.strength_multiplier, "strength_multiplier")
+        finite(req.seed, "seed")
         torch_seed(req.seed)
         if req.n_completion_tokens < 1:
-            raise RequestError(f"n_completion_tokens must be at least 1, got {req.n_completion_tokens}")
-        cap = self.args.limits.max_completion_tokens
+            raise RequestError(f"n_completion_tokens must be at least 1, got {quoted(req.n_completion_tokens, 40)}")
+        cap = lim.max_completion_tokens
         if req.n_completion_tokens > cap and not self.dialect.limits_2026:  # the 2026 dialect clamps (prepare)
-            raise RequestError(f"n_completion_tokens is {req.n_completion_tokens}, max is {cap}")
+            raise RequestError(f"n_completion_tokens is {quoted(req.n_completion_tokens, 40)}, max is {cap}")
+
+    def _check_work(self, req: AnyRequest, n_prompt: int, n_new: int) -> None:
+        check_steer_work(len(req.features or req.vectors or []), req.types, n_prompt, n_new,
+                         self.args.limits.max_steer_work)
+
+    def _check_chat_size(self, messages: list[dict]) -> int:
+        """A conversation that cannot fit the token limit, refused before templating it: every turn the template
+        marks costs a token, and the text is held to the same character bound as a prompt's."""
+        b = self.backend
+        limit = b.token_limit
+        if len(messages) > limit:
+            raise RequestError(f"Text too long: {len(messages)} messages cannot fit in {limit} tokens (the token limit)")
+        chars = sum(len(m["content"]) + len(m["role"]) for m in messages)
+        most = 2 * limit * b.max_piece_chars
+        if chars > most:
+            raise RequestError(f"Text too long: {chars} characters cannot fit in {limit} tokens (the token limit; at most "
+                               f"{most} characters are tokenized)")
+        return chars
+
+    def _steering_hook(self, hook: str, field: str) -> int:
+        """The width of a hook a vector may steer."""
+        if is_attention_map(hook):
+            raise RequestError(f"{field}: {hook} is an attention map ([head, query, key]), not a per-position activation; "
+                               "steer a hook such as blocks.0.hook_resid_post or blocks.0.attn.hook_z")
+        return self.hook_width(hook)
+
+    def _steer_vector(self, hook: str, values, coeff: float, method: str, normalize: bool, name: str) -> SteerVector:
+        v = floats(values, name)
+        if normalize or method != SIMPLE_ADDITIVE:
+            if not np.any(v):
+                why = "normalize_steering" if normalize else method
+                raise RequestError(f"{name} is the zero vector: it has no direction to "
+                                   f"{'normalise' if normalize else 'project on'} ({why})")
+            v = direction(v)  # only its direction counts: scaled exactly by a power of two, away from float32's edges
+        applied = v / np.linalg.norm(v) if normalize else v
+        check_step(applied, coeff, method, self.args.model.dtype, name)
+        return SteerVector(hook=hook, vector=prepare_vector(v, coeff, method, normalize, name), coeff=coeff, method=method)
 
     async def _vectors(self, req: AnyRequest) -> list[SteerVector]:
         """Each feature/vector as (hook, vector, coeff): features resolve to W_dec rows on their SAE's shard."""
         b = self.backend
         method = req.steer_method.value
-        mult = float(req.strength_multiplier)
-        raw: list[tuple[str, object, float, str]] = []  # hook, vector, coeff, label
+        mult = finite(req.strength_multiplier, "strength_multiplier")
+        out: list[SteerVector] = []
         if req.features:
             by_source: dict[str, list[int]] = {}
-            for f in req.features:
+            coeffs = []
+            for k, f in enumerate(req.features):
                 self.check_model(f.model)
                 spec = b.spec(f.source)
                 check_index(f.index, spec.d_sae, spec.id)
-                _finite(f.strength, f"strength of feature {f.source}/{f.index}")
+                coeffs.append(coefficient(f.strength, mult, f"features[{k}].strength"))
                 by_source.setdefault(f.source, []).append(f.index)
             sources = list(by_source)
             rows = await asyncio.gather(*(b.call(b.shard(s).vectors.remote(P.VectorsRequest(by_source[s]))) for s in sources))
             lookup = {(s, i): r for s, rs in zip(sources, rows) for i, r in zip(by_source[s], rs)}
-            for f in req.features:
+            for k, (f, coeff) in enumerate(zip(req.features, coeffs)):
                 spec = b.spec(f.source)
                 width = self.hook_width(spec.hook_name)
                 vec = lookup[(f.source, f.index)]
                 if len(vec) != width:
                     raise RequestError(f"{f.source} decoder rows have length {len(vec)} but {spec.hook_name} has width {width}")
-                raw.append((spec.hook_name, vec, float(f.strength) * mult, f"feature {f.source}/{f.index}"))
+                out.append(self._steer_vector(spec.hook_name, vec, coeff, method, req.normalize_steering,
+                                              f"features[{k}] ({f.source}/{f.index})"))
         elif req.vectors:
             for k, v in enumerate(req.vectors):
-                width = self.hook_width(v.hook)
-                self.check_finite(v.steering_vector, f"vectors[{k}].steering_vector")
+                name = f"vectors[{k}].steering_vector"
+                width = self._steering_hook(v.hook, f"vectors[{k}].hook")
+                floats(v.steering_vector, name)
                 if len(v.steering_vector) != width:
-                    raise RequestError(f"vectors[{k}].steering_vector has length {len(v.steering_vector)} but {v.hook} has width {width}")
-                _finite(v.strength, f"vectors[{k}].strength")
-                raw.append((v.hook, v.steering_vector, float(v.strength) * mult, f"vectors[{k}].steering_vector"))
-        return [SteerVector(hook=h, vector=prepare_vector(vec, coeff, method, req.normalize_steering, label), coeff=coeff,
-                            method=method) for h, vec, coeff, label in raw]
+                    raise RequestError(f"{name} has length {len(v.steering_vector)} but {v.hook} has width {width}")
+                coeff = coefficient(v.strength, mult, f"vectors[{k}].strength")
+                out.append(self._steer_vector(v.hook, v.steering_vector, coeff, method, req.normalize_steering, name))
+        return out
 
     # --- preparation -----------------------------------------------------------------------------------------
 
     async def prepare(self, req: AnyRequest) -> Prepared:
         chat = isinstance(req, ChatRequest)
         b = self.backend
-        self._check_scalars(req)
         await b.ensure_ready()
+        self._check_scalars(req)
         tok = b.tokenizer
         messages = None
         chat_2026 = self.dialect.chat_2026
@@ -255,12 +311,15 @@ class SteerHandler(Handler):
             messages = [{"role": m.role, "content": m.content} for m in req.prompt]
             if not messages:
                 raise RequestError("prompt is empty: send at least one message")
+            chars = self._check_chat_size(messages)
             if chat_2026 and not getattr(tok, "chat_template", None):
                 raise RequestError(NO_CHAT_TEMPLATE)
             render = without_reasoning(messages) if chat_2026 else messages
             if not render:
                 raise RequestError("prompt is empty: every message was reasoning only")
-            templated = apply_chat_template(tok, render)
+            # Templating is CPU work proportional to the conversation: a long one renders off the event loop.
+            templated = (apply_chat_template(tok, render) if chars <= INLINE_CHARS
+                         else await b.off_loop(apply_chat_template, tok, render))
             prompt_text = strip_bos(tok, templated)
         else:
             templated = prompt_text = req.prompt
@@ -277,6 +336,7 @@ class SteerHandler(Handler):
         elif len(ids) + n_new > n_ctx:
             raise RequestError(f"Prompt ({len(ids)} tokens) + n_completion_tokens ({req.n_completion_tokens}) is more than the "
                                f"model's context length ({n_ctx}); shorten the prompt or ask for fewer tokens")
+        self._check_work(req, len(ids), n_new)
         if chat and chat_2026:
             prompt_text = tok.decode(ids, clean_up_tokenization_spaces=False)  # `raw`: the decoded prompt (BOS included)
         vectors = await self._vectors(req)

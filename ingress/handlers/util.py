@@ -9,6 +9,7 @@ from deployments.engine.errors import RequestError
 from .. import schemas as S
 from ..backend import Backend
 from ..dialects import V1, Dialect
+from .numeric import direction, floats
 from .base import Handler
 
 MAX_COSSIM_RESULTS = 128  # the contract's cap on util/sae-topk-by-decoder-cossim's num_results
@@ -35,11 +36,13 @@ class UtilHandler(Handler):
                 raise RequestError(f"{src.id} and {target.id} live in different spaces ({src.d_in} vs {target.d_in})")
             query = (await b.call(b.shard(src.id).vectors.remote(P.VectorsRequest([req.feature.index]))))[0].tolist()
         else:
-            self.check_finite(req.vector, "vector")
+            v = floats(req.vector, "vector")
             if len(req.vector) != target.d_in:
                 raise RequestError(f"vector has length {len(req.vector)} but {target.id}'s decoder rows have length {target.d_in}")
-            query = [float(v) for v in req.vector]
-        n = min(req.num_results, MAX_COSSIM_RESULTS)
+            # A cosine depends on the query's direction only: a power-of-two scale (exact) keeps a vector of 1e-40s or
+            # 1e38s from under- or overflowing in float32.
+            query = direction(v).tolist()
+        n = min(req.num_results, MAX_COSSIM_RESULTS)  # the contract clamps (capabilities.limits.max_cossim_results)
         idx, cos = await b.call(b.shard(target.id).top_cosine.remote(P.CosineRequest(query, n)))
         model = self.args.served_model_id
         return S.UtilSaeTopkByDecoderCossimResponse(
@@ -90,6 +93,8 @@ class UtilHandler(Handler):
                     "max_cossim_results": MAX_COSSIM_RESULTS, "max_completion_tokens": a.limits.max_completion_tokens,
                     "activation_token_limit": b.activation_token_limit,
                     "neuronpedia_max_batch_prompts": a.limits.neuronpedia_max_batch_prompts,
+                    "max_steer_vectors": a.limits.max_steer_vectors, "max_steer_work": a.limits.max_steer_work,
+                    "max_steer_types": len(S.SteerType), "max_body_bytes": a.limits.max_body_bytes,
                     "max_loaded_saes_per_replica": a.saes.max_loaded,
                     "lens_token_limit": min(a.limits.lens_token_limit, b.info.n_ctx)},
             routes=self.routes,

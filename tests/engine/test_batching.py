@@ -116,3 +116,26 @@ def test_wrong_result_count_is_an_error_not_a_hang():
 
     out = asyncio.run(main())
     assert all(isinstance(e, RuntimeError) for e in out)
+
+
+def test_a_bad_item_fails_alone_and_its_batch_mates_get_their_own_answers():
+    """A batch that raises is run again item by item: only the item that fails alone hears of it (a hostile capture or
+    encode item never fails the requests batched with it)."""
+    calls = []
+
+    async def main():
+        async def run(_key, items):
+            calls.append(list(items))
+            if "bad" in items:
+                raise ValueError("bad item")
+            return [x.upper() for x in items]
+
+        b = Batcher(run, max_batch_size=8, wait_s=0.05)
+        futs = [asyncio.ensure_future(b.submit(x)) for x in ("a", "bad", "c", "d")]
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    got = asyncio.run(main())
+    assert got[0] == "A" and got[2:] == ["C", "D"]
+    assert isinstance(got[1], ValueError) and "bad item" in str(got[1])
+    assert ["a", "bad", "c", "d"] in calls  # they did share a batch first
+    assert ["bad"] in calls and ["a"] in calls  # then each ran alone

@@ -24,6 +24,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from ingress import header_timeout
+
+        # The header-read timeout in Serve's proxy (it inherits this environment), shortened for the tests.
+        os.environ.update(header_timeout.ray_env())
+        os.environ.setdefault(header_timeout.ENV, "5")
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
     yield ray

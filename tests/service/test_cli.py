@@ -37,6 +37,7 @@ def _env() -> dict:
     env.pop("SECRET", None)
     for var in haproxy_env.ALL_VARS:  # the CLI's Ray gets HAProxy files and ports of its own, apart from this session's
         env.pop(var, None)
+    haproxy_env.port_block(env, haproxy_env.block_of(os.environ) + 1)  # the block beside the session's, never it
     return env
 
 
