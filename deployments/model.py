@@ -1,4 +1,4 @@
-"""ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner and engine.generate.
+"""ModelDeployment: a thin Ray Serve wrapper around engine.capture.ModelRunner, engine.generate and engine.lens.
 
 Feature jobs (``features``): concurrent jobs from every caller share one forward pass (engine.batching.Batcher, a
 batch forms when the model is free), and the SAE half of a whole batch leaves this replica as one SAEShard call per
@@ -26,8 +26,9 @@ from deployments.engine.batching import Batcher
 from deployments.engine.capture import ModelRunner
 from deployments.engine.compute import ComputeThread, burst_threads_for
 from deployments.engine.devices import check_device, release_cached_memory
-from deployments.engine.errors import RequestError, is_out_of_memory, translate_remote_error
+from deployments.engine.errors import Busy, Overloaded, RequestError, is_out_of_memory, translate_remote_error
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
+from deployments.engine.lens import JacobianLens, LensEngine, LensRun
 from deployments.engine.loading import load_model, resolve_device
 from deployments.hooks import capture_hooks, dfa_hooks
 
@@ -55,7 +56,8 @@ class ModelDeployment:
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32", override_model_id: str | None = None,
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.0,
                  generate_rows: int = 64, generate_positions: int | None = None, generate_fixed_shapes: bool | None = None,
-                 torch_threads: int | None = None, burst_torch_threads: int | None = None, sae_shard=None):
+                 torch_threads: int | None = None, burst_torch_threads: int | None = None, sae_shard=None,
+                 jacobian_lens: str | None = None):
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.runner = self.compute.call(
@@ -67,6 +69,11 @@ class ModelDeployment:
         self.generator = self.compute.call(lambda: GenerationScheduler(
             self.runner.model, max_rows=generate_rows, max_len=generate_positions, fixed_shapes=generate_fixed_shapes,
             lock=self._model_lock, run=self.compute.run))
+        # lens/prompt: its runs take turns with everything else on the compute thread, a step at a time.
+        self.lens_engine = self.compute.call(self._lens_engine, jacobian_lens)
+        self._in_flight = collections.Counter()  # lens runs and generations under way (what fail_if_busy refuses on)
+        self._lens_counts = {"runs": 0, "active": 0, "finished": 0, "cancelled": 0, "failed": 0, "busy": 0,
+                             "positions": 0, "generated": 0}
         self._metrics = ModelMetrics()
         self._capture_counts = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0}
         self._calls = collections.Counter()  # handle calls received (and made to SAEShard), per method
@@ -79,7 +86,9 @@ class ModelDeployment:
 
     async def describe(self) -> dict:
         """The model's shape and its tokenizer (the ingress tokenises with this very object)."""
-        return {"info": self.runner.info(), "tokenizer": self.runner.tokenizer}
+        info = self.runner.info()
+        info.lens_layers = self.lens_engine.lens_layers
+        return {"info": info, "tokenizer": self.runner.tokenizer}
 
     # --- feature jobs: one forward pass per batch of prompts, then one SAEShard call per SAE per batch ---------
 
@@ -279,11 +288,70 @@ class ModelDeployment:
             for sv in r.steering:
                 self.runner.check_hook(sv.hook)
         sub = self.generator.submit(requests)
+        self._in_flight["generate"] += 1
         try:
             async for events in sub:
                 yield events
         finally:
+            self._in_flight["generate"] -= 1
             sub.cancel()
+
+    # --- lens/prompt ---------------------------------------------------------------------------------------
+
+    def _lens_engine(self, path: str | None) -> LensEngine:
+        m = self.runner.model
+        lens = JacobianLens.from_file(path, m.cfg.d_model, m.cfg.n_layers, self.device) if path else None
+        if lens is not None:
+            log.info("Jacobian lens %s: layers %s", path, lens.source_layers)
+        return LensEngine(m, lens, lock=self._model_lock)
+
+    async def lens(self, req: P.LensRequest):
+        """Stream one lens run (``handle.options(stream=True).lens.remote(req)``): a ``LensStarted`` once it is
+        accepted, then ``LensChunk``s in position order.
+
+        The prefill, each chunk of prompt read-outs and each decode step are one compute-thread task apiece, so a
+        lens run takes turns with captures and generation steps, and a caller that goes away stops it at the next
+        step. With ``fail_if_busy`` it is refused (``Busy``, 429) while another lens run or a generation is under
+        way on this replica.
+        """
+        st = self._lens_counts
+        if req.fail_if_busy and sum(self._in_flight.values()) > 0:
+            st["busy"] += 1
+            raise Busy()
+        self._in_flight["lens"] += 1
+        st["runs"] += 1
+        st["active"] += 1
+        try:
+            run = await self.compute.run(LensRun, self.lens_engine, req)
+            yield P.LensStarted(stop_tokens=list(self.lens_engine.stop_tokens))
+            while not run.done:
+                chunk = await self.compute.run(run.step)
+                if chunk is not None:
+                    st["positions"] += len(chunk.tokens)
+                    st["generated"] += len(chunk.tokens) if chunk.generated else 0
+                    yield chunk
+            st["finished"] += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            st["cancelled"] += 1
+            raise
+        except RequestError:
+            st["failed"] += 1
+            raise
+        except Exception as e:
+            st["failed"] += 1
+            if is_out_of_memory(e):
+                release_cached_memory(self.device)
+                raise Overloaded("Out of memory while running this lens request; retry shortly") from None
+            log.exception("lens run failed")
+            raise
+        finally:
+            st["active"] -= 1
+            self._in_flight["lens"] -= 1
+
+    async def lens_stats(self) -> dict:
+        """Lens runs started, under way (``active``), finished, cancelled (the caller went away), failed and refused
+        as busy; positions read out and tokens generated."""
+        return dict(self._lens_counts)
 
     async def generation_stats(self) -> dict:
         """This replica's generation since it started: ``steps``, ``rows_joined`` (``rows_joined_mid_flight``: while

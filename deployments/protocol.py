@@ -86,6 +86,7 @@ class ModelInfo:
     d_model: int
     d_vocab: int
     hook_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-position shape of each hook
+    lens_layers: Optional[list[int]] = None  # the Jacobian lens's source layers; None: no lens is loaded
 
 
 # --- features: what ModelDeployment and SAEShard compute for a prompt --------------------------------------
@@ -278,3 +279,87 @@ class CosineRequest:
 
     query: list[float]
     num_results: int
+
+
+# --- lens/prompt: logit and Jacobian lens read-outs (ModelDeployment.lens) ----------------------------------
+
+LOGIT_LENS = "LOGIT_LENS"
+JACOBIAN_LENS = "JACOBIAN_LENS"
+LENS_TYPES = (LOGIT_LENS, JACOBIAN_LENS)
+
+
+@dataclass
+class LensSteerToken:
+    """A read-out token to intervene on: its id, and which lens's direction (``W_U[:, id]``, or that pulled back
+    through the Jacobian lens at fitted layers)."""
+
+    token_id: int
+    type: str = LOGIT_LENS
+
+
+@dataclass
+class LensIntervention:
+    """What to write into ``blocks.<l>.hook_resid_post`` of each of ``layers`` before it is read out.
+
+    Precedence: ``swap`` (the steer tokens' direction replaced by the swap token's), else ``ablate`` (the
+    direction projected out), else add ``strength * |h|`` along it (the addition capped at ``|h|``). Applied at
+    prompt positions except those holding ``skip_tokens`` (BOS), and at generated ones only when ``generated``.
+    """
+
+    steer: list[LensSteerToken]
+    layers: list[int]
+    strength: float = 0.0
+    ablate: bool = False
+    swap: Optional[LensSteerToken] = None
+    generated: bool = False
+    skip_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LensRequest:
+    """One lens run: read out ``tokens`` (already templated) at every position from ``reuse_len`` on, then
+    generate up to ``max_new_tokens`` (KV-cached; temperature 0 is argmax) and read out each generated token.
+
+    ``layers_by_type``: the layers each type reads, ascending, the last layer included. ``fail_if_busy``: refuse
+    (429) instead of taking turns when the replica already runs a lens or a generation.
+    """
+
+    tokens: list[int]
+    types: list[str]
+    layers_by_type: dict[str, list[int]]
+    top_n: int
+    reuse_len: int = 0
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    filter_non_word: bool = True
+    intervention: Optional[LensIntervention] = None
+    fail_if_busy: bool = False
+
+
+@dataclass
+class LensStarted:
+    """The first item of a lens stream: the run was accepted. ``stop_tokens``: what ends its generation."""
+
+    stop_tokens: list[int]
+
+
+@dataclass
+class LensReadout:
+    """One type's read-out of consecutive positions: the top-n ids ``int [positions, layers, n]`` and their
+    probabilities (over the full vocabulary, rounded to 4 places) ``float [positions, layers, n]``."""
+
+    type: str
+    top_ids: np.ndarray
+    top_probs: np.ndarray
+
+
+@dataclass
+class LensChunk:
+    """Consecutive positions ``start..start+len(tokens)-1``, all from the prompt or all generated, with each
+    requested type's read-out; ``finished`` ("eos" or "length") on the last chunk of a generating run."""
+
+    start: int
+    tokens: list[int]
+    generated: bool
+    results: list[LensReadout]
+    finished: Optional[str] = None

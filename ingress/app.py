@@ -31,7 +31,7 @@ from deployments.specs import SAESpec
 
 from . import examples, playground, resources, state
 from . import schemas as S
-from .args import AppArgs, resolve_model_path
+from .args import AppArgs, resolve_jacobian_lens, resolve_model_path
 from .auth import AuthMiddleware
 from .backend import Backend
 from .dialects import DIALECTS, V1, Dialect
@@ -239,5 +239,6 @@ def build_app(args: AppArgs) -> Application:
                                              generate_rows=b.generate_rows,
                                              generate_positions=args.limits.token_limit + args.limits.max_completion_tokens,
                                              generate_fixed_shapes=b.generate_fixed_shapes, torch_threads=b.torch_threads,
-                                             burst_torch_threads=b.burst_torch_threads, sae_shard=shard)
+                                             burst_torch_threads=b.burst_torch_threads, sae_shard=shard,
+                                             jacobian_lens=resolve_jacobian_lens(model_path, args.model.jacobian_lens))
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

@@ -34,6 +34,10 @@ class ModelArgs(Section):
     override: Optional[str] = Field(None, description="Load these TransformerLens weights instead (e.g. an -it model under "
                                     "base-model SAEs); clients may send this id too")
     dtype: DType = Field("float32", description="The model's dtype: float32, float16 or bfloat16")
+    jacobian_lens: Optional[str] = Field(None, description="A Jacobian lens file for lens/prompt's JACOBIAN_LENS (torch "
+                                         "file: `J` {layer: [d_model, d_model]}, `source_layers`, `d_model`; fit one "
+                                         "with scripts/fit_jacobian_lens.py); none = the pack's own "
+                                         "`jlens/<corpus>/<name>_jacobian_lens.pt` if it has one, `off` = no lens")
 
 
 class SAEArgs(Section):
@@ -82,6 +86,8 @@ class LimitArgs(Section):
                                                "or `activation/source` request (the 2026 server's cap); a request with "
                                                "several prompts shares activation_token_limit among this many (each "
                                                "prompt at most activation_token_limit / this)")
+    lens_token_limit: int = Field(1024, ge=1, description="Most tokens in one lens/prompt sequence (prompt, templated "
+                                  "chat or input ids); also capped by the model's n_ctx, which bounds prompt + generation")
 
 
 class BatchingArgs(Section):
@@ -141,7 +147,7 @@ class ResourceArgs(Section):
 # The flat keys of earlier versions (and of the CLI's flags): key -> (section, field).
 FLAT_KEYS: dict[str, tuple[str, str]] = {
     "model": ("model", "name"), "model_id": ("model", "id"), "override_model_id": ("model", "override"),
-    "model_dtype": ("model", "dtype"),
+    "model_dtype": ("model", "dtype"), "jacobian_lens": ("model", "jacobian_lens"),
     "sae_sets": ("saes", "sets"), "sae_dirs": ("saes", "dirs"), "sae_config": ("saes", "config"),
     "include_sae": ("saes", "include"), "exclude_sae": ("saes", "exclude"), "sae_dtype": ("saes", "dtype"),
     "max_loaded_saes": ("saes", "max_loaded"), "max_sae_bytes": ("saes", "max_bytes"),
@@ -239,6 +245,26 @@ def resolve_model_path(model: str) -> str:
     return str(p) if p is not None else model
 
 
+LENS_OFF = "off"
+
+
+def resolve_jacobian_lens(model: str, setting: Optional[str]) -> Optional[str]:
+    """The Jacobian lens file to serve (an absolute path), or None: the setting's file (which must exist), else the
+    pack's one (``<pack>/jlens/*/*_jacobian_lens.pt``, when there is exactly one)."""
+    if setting == LENS_OFF:
+        return None
+    if setting:
+        p = local_path(setting)
+        if p is None or not p.is_file():
+            raise ValueError(f"model.jacobian_lens: no such file {setting!r}")
+        return str(p)
+    pack_dir = local_path(model)
+    if pack_dir is None or not pack_dir.is_dir():
+        return None
+    found = sorted(pack_dir.glob("jlens/*/*_jacobian_lens.pt"))
+    return str(found[0]) if len(found) == 1 else None
+
+
 def reference_markdown() -> str:
     """The configuration reference, from the fields themselves (docs/configuration.md is this text)."""
     lines = ["# Configuration reference", "",
@@ -262,7 +288,7 @@ def reference_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["AppArgs", "FLAT_KEYS", "reference_markdown", "resolve_model_path"]
+__all__ = ["AppArgs", "FLAT_KEYS", "reference_markdown", "resolve_jacobian_lens", "resolve_model_path"]
 
 if __name__ == "__main__":
     import sys

@@ -67,6 +67,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "steer.completion", streams=True, tags=("steer",), dialects=BOTH),
     Endpoint("steer_completion_chat", "/v1/steer/completion-chat", S.SteerCompletionChatPostRequest,
              S.SteerCompletionChatPost200Response, "steer.completion_chat", streams=True, tags=("steer",), dialects=BOTH),
+    # NDJSON frames, snake_case in every dialect (the web app stores them verbatim)
+    Endpoint("lens_prompt", "/v1/lens/prompt", S.LensPromptRequest, S.LensPromptResponse, "lens.prompt", streams=True,
+             stream_media="application/x-ndjson", exclude_none=False, tags=("lens",), dialects=BOTH, reply_casing="snake"),
     Endpoint("capabilities", "/v1/capabilities", None, S.CapabilitiesResponse, "util.capabilities", method="GET",
              exclude_none=False, dialects=BOTH, reply_casing="snake"),
     # the original README's routes: secret in the body, camelCase output

@@ -56,9 +56,9 @@ class ErrorJSONResponse(JSONResponse):
         return json.dumps(_printable(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def error_response(message: str, status: int) -> JSONResponse:
+def error_response(message: str, status: int, extra: dict | None = None) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
-    return ErrorJSONResponse({"error": message}, status_code=status, headers=headers)
+    return ErrorJSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
 
 
 def quoted(value, limit: int = MAX_QUOTED_CHARS) -> str:
@@ -79,7 +79,7 @@ def _describe_validation(errors: list[dict], total: int) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError):
-        return error_response(e.message, e.status)
+        return error_response(e.message, e.status, e.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):

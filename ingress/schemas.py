@@ -542,3 +542,118 @@ class SimilarityMatrixPredResponse(Wire):
 
     similarity_matrix: list[list[float]]
     tokens: list[str]
+
+
+# --- lens/prompt (Neuronpedia 2026-08): logit and Jacobian lens read-outs, streamed as NDJSON frames ----------
+
+
+class LensType(str, Enum):
+    LOGIT_LENS = "LOGIT_LENS"
+    JACOBIAN_LENS = "JACOBIAN_LENS"
+
+
+class LensChatMessage(Wire):
+    role: StrictStr
+    content: StrictStr
+
+
+class LensSteerToken(Wire):
+    token: StrictStr  # a read-out string exactly as a frame showed it (whitespace kept)
+    type: LensType
+
+
+class LensPromptRequest(Wire):
+    """Exactly one of ``prompt`` (raw text), ``chat`` (templated; a trailing assistant message is a prefill) or a
+    non-empty ``input_token_ids`` (read out verbatim, no generation)."""
+
+    model: StrictStr
+    type: list[LensType]
+    prompt: Optional[StrictStr] = None
+    chat: Optional[Items[LensChatMessage]] = None
+    input_token_ids: Items[StrictInt] = Field(default_factory=list)
+    top_n: StrictInt = 10
+    layers: Items[StrictInt] = Field(default_factory=list)
+    max_seq_len: Optional[StrictInt] = None
+    prepend_bos: StrictBool = True
+    enable_thinking: StrictBool = False
+    preserve_thinking: StrictBool = True
+    stream: StrictBool = True
+    temperature: Number = 1.0
+    num_completion_tokens: StrictInt = 0
+    cached_token_ids: Items[StrictInt] = Field(default_factory=list)
+    steer_tokens: Items[LensSteerToken] = Field(default_factory=list)
+    steer_layers: Items[StrictInt] = Field(default_factory=list)
+    steer_strength: Number = 0.0
+    steer_ablate: StrictBool = False
+    swap_token: Optional[LensSteerToken] = None
+    steer_generated_tokens: StrictBool = False
+    filter_non_word_tokens: StrictBool = True
+    fail_if_busy: StrictBool = False
+
+
+class LensFrame(BaseModel):
+    """The NDJSON frames keep their snake_case names in every dialect (the web app stores them verbatim)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LensMetaFrame(LensFrame):
+    kind: str = "meta"
+    model: str
+    types: list[LensType]
+    layers_by_type: dict[str, list[int]]
+    top_n: int
+    prompt_len: int
+    num_completion_tokens: int
+    temperature: float
+    prepend_bos: bool
+    reuse_len: int
+
+
+class LensPromptTokenFrame(LensFrame):
+    position: int
+    token: str
+    id: int
+    is_generated: bool
+    is_char_continuation: bool
+    message_index: Optional[int]
+    role: Optional[str]
+    channel: Optional[str]
+    section: Optional[str]
+
+
+class LensPromptFrame(LensFrame):
+    kind: str = "prompt"
+    tokens: list[LensPromptTokenFrame]
+
+
+class LensTypeSlice(LensFrame):
+    type: LensType
+    top_tokens: list[list[str]]  # [layers][top_n]
+    top_probs: list[list[float]]
+
+
+class LensTokenFrame(LensPromptTokenFrame):
+    kind: str = "token"
+    results: list[LensTypeSlice]
+
+
+class LensDoneFrame(LensFrame):
+    kind: str = "done"
+    seq_len: int
+    prompt_len: int
+    vocab_size: int
+    completion: str
+
+
+class LensErrorFrame(LensFrame):
+    kind: str = "error"
+    error: str
+
+
+class LensPromptResponse(LensFrame):
+    """``stream: false`` (and handle callers): the frames of a whole run but the prompt frame."""
+
+    meta: LensMetaFrame
+    tokens: list[LensTokenFrame]
+    done: LensDoneFrame

@@ -6,6 +6,8 @@ from __future__ import annotations
 class RequestError(Exception):
     """Bad input: becomes ``{"error": message}`` with a 4xx status at the ingress."""
 
+    extra: dict = {}  # more fields of the error body (Busy's ``busy: true``)
+
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.message = message
@@ -23,6 +25,19 @@ class Overloaded(RequestError):
 
     def __reduce__(self):
         return (Overloaded, (self.message, self.status))
+
+
+class Busy(RequestError):
+    """The model is busy and the caller asked not to wait (lens/prompt's ``fail_if_busy``): 429 ``busy: true``, so
+    a client with several servers tries another one."""
+
+    extra = {"busy": True}
+
+    def __init__(self, message: str = "Server is busy with another request", status: int = 429):
+        super().__init__(message, status)
+
+    def __reduce__(self):
+        return (Busy, (self.message, self.status))
 
 
 # Ray's errors for a replica that died, a queue that is full or a call cut short: the next try may succeed.
@@ -43,7 +58,7 @@ def unwrap_remote_error(e: BaseException | None) -> RequestError | None:
     found, seen = None, 0
     while e is not None and seen < 8:
         if isinstance(e, RequestError):
-            if type(e) in (RequestError, Overloaded):
+            if type(e) in (RequestError, Overloaded, Busy):
                 return e
             found = found or e
         e = getattr(e, "cause", None) or e.__cause__

@@ -7,6 +7,7 @@ from ..backend import Backend
 from ..dialects import V1, Dialect
 from .activation import ActivationHandler
 from .legacy import LegacyHandler
+from .lens import LensHandler
 from .steer import SteerHandler
 from .util import UtilHandler
 
@@ -18,6 +19,7 @@ class Handlers:
         self.activation = ActivationHandler(backend, dialect)
         self.util = UtilHandler(backend, routes, dialect)
         self.steer = SteerHandler(backend, dialect)
+        self.lens = LensHandler(backend, dialect)
         self.legacy = LegacyHandler(backend, self.activation, self.util, self.steer)
 
     def method(self, handler: str):
@@ -26,4 +28,4 @@ class Handlers:
         return getattr(getattr(self, area), name)
 
 
-__all__ = ["ActivationHandler", "Handlers", "LegacyHandler", "SteerHandler", "UtilHandler"]
+__all__ = ["ActivationHandler", "Handlers", "LegacyHandler", "LensHandler", "SteerHandler", "UtilHandler"]

@@ -101,7 +101,8 @@ class UtilHandler(Handler):
                     "neuronpedia_max_batch_prompts": a.limits.neuronpedia_max_batch_prompts,
                     "max_steer_vectors": a.limits.max_steer_vectors, "max_steer_work": a.limits.max_steer_work,
                     "max_steer_types": len(S.SteerType), "max_body_bytes": a.limits.max_body_bytes,
-                    "max_loaded_saes_per_replica": a.saes.max_loaded},
+                    "max_loaded_saes_per_replica": a.saes.max_loaded,
+                    "lens_token_limit": min(a.limits.lens_token_limit, b.info.n_ctx)},
             routes=self.routes,
             steer_methods=served_steer_methods(self.routes),
         )

@@ -44,7 +44,10 @@ def test_every_endpoint_has_a_form_in_each_of_its_dialects():
                 rename({}, m)  # every reply model can be renamed by type (no union of several models)
         assert ep.reply_casing in ("dialect", "snake")
     served = {ep.name for ep in ENDPOINTS if NEURONPEDIA in ep.dialects}
-    assert {"activation_attention", "util_similarity_matrix_pred", "steer_completion_chat", "capabilities"} <= served
+    assert {"activation_attention", "util_similarity_matrix_pred", "steer_completion_chat", "capabilities",
+            "lens_prompt"} <= served
+    lens = next(ep for ep in ENDPOINTS if ep.name == "lens_prompt")  # NDJSON frames, snake_case in both dialects
+    assert lens.streams and lens.stream_media == "application/x-ndjson" and lens.reply_casing == "snake"
     assert not any(NEURONPEDIA in ep.dialects for ep in ENDPOINTS if "legacy" in ep.tags)
     assert "/neuronpedia/v1/activation/all" in route_paths() and "/v1/activation/all" in route_paths()
     assert {"/neuronpedia/docs", "/neuronpedia/openapi.json"} <= PUBLIC_PATHS

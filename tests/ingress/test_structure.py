@@ -65,7 +65,8 @@ def test_every_endpoint_is_a_route_a_handle_method_and_a_handler():
     from ingress.app import SAEServeIngress, app
     from ingress.endpoints import ENDPOINTS
 
-    areas = {"activation": H.ActivationHandler, "util": H.UtilHandler, "steer": H.SteerHandler, "legacy": H.LegacyHandler}
+    areas = {"activation": H.ActivationHandler, "util": H.UtilHandler, "steer": H.SteerHandler, "legacy": H.LegacyHandler,
+             "lens": H.LensHandler}
     cls = SAEServeIngress.func_or_class
     paths = app.openapi()["paths"]
     assert len({e.name for e in ENDPOINTS}) == len(ENDPOINTS) and len({e.path for e in ENDPOINTS}) == len(ENDPOINTS)

@@ -63,6 +63,10 @@ ROUTES = [
                                    "strengthMultiplier": 1, "nCompletionTokens": 2, "temperature": 0.5, "freqPenalty": 0.1,
                                    "seed": 1, "steerMethod": "PROJECTION_CAP", "normalizeSteering": False, "stream": False,
                                    "nLogprobs": 2}),
+    (NP + "/v1/lens/prompt", {"model": MODEL_ID, "type": ["LOGIT_LENS", "JACOBIAN_LENS"], "prompt": "the cat", "topN": 3,
+                              "numCompletionTokens": 2, "temperature": 0.5, "steerTokens": [{"token": " cat",
+                              "type": "JACOBIAN_LENS"}], "steerLayers": [1], "steerStrength": 0.5, "stream": False,
+                              "cachedTokenIds": [1, 2], "layers": [0, 2]}),
 ]
 
 # Raw JSON number literals (written as they are: Python's json module cannot write most of them).
