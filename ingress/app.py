@@ -140,6 +140,15 @@ def _handle_method(ep: Endpoint):
 _DIALECT_ROUTERS = {d.name: APIRouter() for d in DIALECTS if d.prefix}
 
 
+def _responses(ep: Endpoint) -> dict:
+    """The error replies, and for a streaming endpoint its stream's media type beside the JSON reply (the spec must
+    say what a 200 can be: clients and schemathesis check the Content-Type against it)."""
+    if not ep.streams:
+        return ERROR_RESPONSES
+    return {200: {"description": f"JSON, or {ep.stream_media} when the request asks for a stream",
+                  "content": {ep.stream_media: {"schema": {"type": "string"}}}}, **ERROR_RESPONSES}
+
+
 def _add_route(ep: Endpoint, dialect: Dialect) -> None:
     body = dialect.request_model(ep.request)  # the dialect's casing of the same model (ingress.dialects)
     if body is None:
@@ -156,7 +165,7 @@ def _add_route(ep: Endpoint, dialect: Dialect) -> None:
     target = app if not dialect.prefix else _DIALECT_ROUTERS[dialect.name]
     target.add_api_route(dialect.prefix + ep.path, route, methods=[ep.method],
                          response_model=dialect.reply_model(ep.response, ep.reply_casing == "snake"),
-                         response_model_exclude_none=ep.exclude_none, responses=ERROR_RESPONSES,
+                         response_model_exclude_none=ep.exclude_none, responses=_responses(ep),
                          tags=list(ep.tags) or None, name=name,
                          openapi_extra=examples.openapi_extra(ep.name) if dialect is V1 else None)
 
