@@ -36,7 +36,7 @@ BLOCK, FIRST_HTTP, BLOCKS = 100, 20000, 100
 ALL_VARS = (BASE_VAR, *FILE_VARS, *SIDE_PORTS, *RANGE_VARS)
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("0.0.0.0", port))
@@ -45,7 +45,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
@@ -69,7 +69,7 @@ def _free_block() -> int:
     for i in range(BLOCKS):
         b = (start + i) % BLOCKS
         lo = FIRST_HTTP + b * BLOCK
-        if all(_port_free(p) for p in range(lo, lo + 8)) and all(_port_free(p - 10000) for p in range(lo, lo + 8)):
+        if all(port_free(p) for p in range(lo, lo + 8)) and all(port_free(p - 10000) for p in range(lo, lo + 8)):
             return b
     return start
 
@@ -87,8 +87,8 @@ def isolate(env: "os._Environ | dict | None" = None, *, force: bool = False) -> 
         port_block(env, _free_block())
     for var, default in SIDE_PORTS.items():
         port = int(env.get(var, default))
-        if force or not _port_free(port):
-            free = _free_port()
+        if force or not port_free(port):
+            free = free_port()
             if not force:
                 log.info("port %d (%s) is taken on this machine: HAProxy uses %d", port, var, free)
             env[var] = str(free)

@@ -181,7 +181,7 @@ class Span:
 NO_SPAN = Span()
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -215,7 +215,7 @@ def chat_spans(tokenizer, messages: list[dict], ids: list[int], *, prefill: bool
         n, total = len(messages), len(full)
         bounds = [0]
         for j in range(1, n + 1):
-            b = total if (j == n and prefill) else min(_common_prefix(enc(rend(messages[:j], False, False)), full), total)
+            b = total if (j == n and prefill) else min(common_prefix(enc(rend(messages[:j], False, False)), full), total)
             bounds.append(max(b, bounds[-1]))
         spans = [Span(role=ASSISTANT, section=HEADER)] * total
         for k in range(n):
@@ -229,7 +229,7 @@ def chat_spans(tokenizer, messages: list[dict], ids: list[int], *, prefill: bool
                 struct = enc(rend(empty, False, False))[start:]
             except Exception:  # a template that rejects empty content: the whole block is content
                 struct = []
-            head = min(_common_prefix(struct, block), len(block)) if struct else 0
+            head = min(common_prefix(struct, block), len(block)) if struct else 0
             foot = 0
             if struct and not (prefill and k == n - 1):
                 foot = min(_common_suffix(struct, block), len(block) - head, max(0, len(struct) - head))

@@ -45,14 +45,6 @@ def select_layers(lens_type: str, n_layers: int, lens_layers: Optional[list[int]
     return sorted(chosen)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
 
 class PreparedLens:
     """A validated lens request whose model run has been accepted; iterate ``frames()`` (or ``lines()``)."""
@@ -264,7 +256,7 @@ class LensHandler(Handler):
         if req.max_seq_len is not None:
             ids = ids[: req.max_seq_len]
         n_gen = 0 if use_ids else max(0, min(req.num_completion_tokens, info.n_ctx - len(ids)))
-        reuse_len = common_prefix(ids, req.cached_token_ids)
+        reuse_len = LT.common_prefix(ids, req.cached_token_ids)
         layers_by_type = {t: select_layers(t, info.n_layers, info.lens_layers, req.layers) for t in types}
 
         # --- intervention ---

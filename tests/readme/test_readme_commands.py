@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -57,19 +56,6 @@ def kind(lang: str, body: str) -> str:
 BLOCKS = [(kind(lang, body), body) for lang, body in readme_blocks()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def _ours(tmp: str) -> list:
@@ -89,8 +75,8 @@ def _ours(tmp: str) -> list:
 @pytest.fixture(scope="module")
 def served():
     """`make serve` on a copy of serve_config.yaml that differs only in its HTTP port."""
-    port = _free_port()
-    jobs_ok = _port_free(JOB_AGENT_PORT)
+    port = haproxy_env.free_port()
+    jobs_ok = haproxy_env.port_free(JOB_AGENT_PORT)
     work = Path(tempfile.mkdtemp(prefix="readme-", dir="/tmp"))  # short: Ray's socket paths live under it
     config = (REPO / "serve_config.yaml").read_text()
     assert "port: 8000" in config
