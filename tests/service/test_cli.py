@@ -41,10 +41,6 @@ def _env() -> dict:
     return env
 
 
-def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([*_exe(), *args], env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,10 +125,29 @@ def test_cli_serves_a_pack_and_shuts_down_cleanly_on_sigint(random_pack):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_list_models_matches_sae_lens_directory():
+@pytest.fixture(scope="module")
+def real_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """The real command with each argv below, the runs side by side: each spends ~10 s importing on one core."""
+    argvs = [("--list_models",), *(tuple(argv) for argv, _ in REAL_BAD_FLAGS)]
+    procs = {argv: subprocess.Popen([*_exe(), *argv], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=str(REPO)) for argv in argvs}
+    runs = {}
+    try:
+        for argv, p in procs.items():
+            out, err = p.communicate(timeout=240)
+            runs[argv] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return runs
+
+
+def test_list_models_matches_sae_lens_directory(real_runs):
     from deployments.specs import list_pretrained_models
 
-    r = _run("--list_models", timeout=240)
+    r = real_runs[("--list_models",)]
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     models = list_pretrained_models()
@@ -175,8 +190,11 @@ def test_bad_flags_exit_2_with_a_message(argv, needle, capsys):
     assert needle in err and "neuronpedia-server: error:" in err, err
 
 
-@pytest.mark.parametrize("argv, needle", [BAD_FLAGS[0], BAD_FLAGS[10]])
-def test_bad_flags_exit_status_of_the_real_command(argv, needle):
-    r = _run(*argv)
+REAL_BAD_FLAGS = [BAD_FLAGS[0], BAD_FLAGS[10]]
+
+
+@pytest.mark.parametrize("argv, needle", REAL_BAD_FLAGS)
+def test_bad_flags_exit_status_of_the_real_command(real_runs, argv, needle):
+    r = real_runs[tuple(argv)]
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

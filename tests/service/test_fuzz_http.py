@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from .conftest import SECRET
 
-EXAMPLES_PER_OPERATION = 100  # x 16 operations (fewer for tiny schemas): over 1,000 requests in all
+EXAMPLES_PER_OPERATION = 50  # x every operation (fewer for tiny schemas): over 500 requests in all, derandomized
 
 
 VALID = {"model": "demo-lm", "source_set": "res-demo", "secret": SECRET}
@@ -76,4 +76,4 @@ def test_fuzz_every_route(schema, serve_app):
 
     print(f"fuzz: {sent} requests, statuses {dict(statuses)}")
     assert not failures, "\n".join(failures[:20])
-    assert sent >= 1000
+    assert sent >= 500

@@ -63,14 +63,53 @@ def acts_for(seed: int, seq: int = 6, d_in: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((seq, d_in)).astype(np.float32)
 
 
-def deploy_shard(name: str, specs, *, replicas: int = 1, max_loaded_saes: int = 64, max_sae_bytes: int | None = None):
-    from ray import serve
-
+def shard_app(specs, *, replicas: int = 1, max_loaded_saes: int = 64, max_sae_bytes: int | None = None):
     from deployments.sae_shard import SAEShard
 
     d = SAEShard.options(num_replicas=replicas, autoscaling_config=None, ray_actor_options=SMALL)
-    app = d.bind([s.to_dict() for s in specs], "cpu", "float32", max_loaded_saes, max_sae_bytes)
-    return serve.run(app, name=name, route_prefix=None)
+    return d.bind([s.to_dict() for s in specs], "cpu", "float32", max_loaded_saes, max_sae_bytes)
+
+
+def one_sae_bytes(specs, direct) -> int:
+    """What a resident SAE counts: its weights and its cosine index (row norms, for a float32 decoder)."""
+    from deployments.engine import geometry as G
+    from deployments.engine.loading import sae_nbytes
+
+    return sae_nbytes(direct.saes[specs[0].id]) + G.DecoderIndex.nbytes_for(specs[0].d_sae, specs[0].d_in, torch.float32)
+
+
+def full_app_args(pack_dir):
+    """The whole app on the demo pack with room for one SAE (test_full_app_with_room_for_one_sae_matches_main_app)."""
+    from ingress.args import AppArgs
+
+    fixed = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": SMALL}
+    return AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=SECRET, token_limit=64, max_loaded_saes=1,
+                   deployment_options={"SAEServeIngress": fixed, "ModelDeployment": fixed, "SAEShard": fixed})
+
+
+@pytest.fixture(scope="module")
+def apps(request, serve_app, specs, direct, pack_dir):
+    """The app of each selected test of this module, deployed together once Serve runs (serve_app): their eight
+    replicas start side by side. ``{name: ingress handle}``; each test deletes its own app."""
+    from ray import serve
+
+    from ingress.app import build_app
+
+    builders = {
+        "test_count_budget_evicts_lru": ("sae-cache-count", None, lambda: shard_app(specs, max_loaded_saes=2)),
+        "test_byte_budget_and_concurrent_miss_loads_once":
+            ("sae-cache-bytes", None, lambda: shard_app(specs, max_sae_bytes=one_sae_bytes(specs, direct))),  # room for one
+        "test_mixed_concurrent_churn_stays_correct": ("sae-cache-churn", None, lambda: shard_app(specs, max_loaded_saes=2)),
+        "test_requests_go_to_the_replica_holding_the_sae":
+            ("sae-cache-routing", None, lambda: shard_app(specs, replicas=2, max_loaded_saes=2)),
+        "test_full_app_with_room_for_one_sae_matches_main_app":
+            ("saecache", "/saecache", lambda: build_app(full_app_args(pack_dir))),
+    }
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    targets = [serve.RunTarget(target=build(), name=name, route_prefix=prefix)
+               for test, (name, prefix, build) in builders.items() if test in selected]
+    handles = serve.run_many(targets) if targets else []
+    return {t.name: h for t, h in zip(targets, handles)}
 
 
 def batch(sae_id: str, acts: np.ndarray, k: int):
@@ -107,9 +146,9 @@ def delete(name: str) -> None:
     serve.delete(name)
 
 
-def test_count_budget_evicts_lru(specs, direct):
+def test_count_budget_evicts_lru(specs, direct, apps):
     ids = [s.id for s in specs]
-    h = deploy_shard("sae-cache-count", specs, max_loaded_saes=2)
+    h = apps["sae-cache-count"]  # max_loaded_saes=2
     try:
         m0 = h.metrics.remote().result(timeout_s=TIMEOUT_S)
         assert (m0["loads"], m0["evictions"], m0["resident"]) == (0, 0, [])
@@ -140,16 +179,13 @@ def test_count_budget_evicts_lru(specs, direct):
         delete("sae-cache-count")
 
 
-def test_byte_budget_and_concurrent_miss_loads_once(specs, direct):
-    from deployments.engine import geometry as G
-    from deployments.engine.loading import sae_nbytes
+def test_byte_budget_and_concurrent_miss_loads_once(specs, direct, apps):
     from deployments.sae_shard import estimated_nbytes
 
     ids = [s.id for s in specs]
-    # what a resident SAE counts: its weights and its cosine index (row norms, for a float32 decoder)
-    one = sae_nbytes(direct.saes[ids[0]]) + G.DecoderIndex.nbytes_for(specs[0].d_sae, specs[0].d_in, torch.float32)
+    one = one_sae_bytes(specs, direct)
     assert estimated_nbytes(specs[0], "float32") == one  # the budget check before loading is exact here
-    h = deploy_shard("sae-cache-bytes", specs, max_loaded_saes=64, max_sae_bytes=one)  # room for one SAE
+    h = apps["sae-cache-bytes"]  # max_sae_bytes=one: room for one SAE
     try:
         for n, (sae_id, seed) in enumerate([(ids[0], 1), (ids[1], 2), (ids[0], 3), (ids[2], 4)], 1):
             a = acts_for(seed)
@@ -176,10 +212,10 @@ def test_byte_budget_and_concurrent_miss_loads_once(specs, direct):
         delete("sae-cache-bytes")
 
 
-def test_mixed_concurrent_churn_stays_correct(specs, direct):
+def test_mixed_concurrent_churn_stays_correct(specs, direct, apps):
     """Many requests at once over 4 SAEs with room for 2: evictions wait for SAEs in use; every answer is right."""
     ids = [s.id for s in specs]
-    h = deploy_shard("sae-cache-churn", specs, max_loaded_saes=2)
+    h = apps["sae-cache-churn"]  # max_loaded_saes=2
     try:
         jobs = [(ids[i % 4], acts_for(200 + i, seq=2 + i % 7)) for i in range(48)]
         for start in range(0, len(jobs), 16):  # waves of 16 concurrent requests
@@ -195,10 +231,10 @@ def test_mixed_concurrent_churn_stays_correct(specs, direct):
         delete("sae-cache-churn")
 
 
-def test_requests_go_to_the_replica_holding_the_sae(specs, direct):
+def test_requests_go_to_the_replica_holding_the_sae(specs, direct, apps):
     """Two replicas with room for two SAEs each hold all four: once each is loaded, no request loads again."""
     ids = [s.id for s in specs]
-    h = deploy_shard("sae-cache-routing", specs, replicas=2, max_loaded_saes=2)
+    h = apps["sae-cache-routing"]  # two replicas, max_loaded_saes=2
     try:
         replica_metrics(h, 2)
 
@@ -236,20 +272,13 @@ def test_requests_go_to_the_replica_holding_the_sae(specs, direct):
         delete("sae-cache-routing")
 
 
-def test_full_app_with_room_for_one_sae_matches_main_app(serve_app, http, pack_dir):
+def test_full_app_with_room_for_one_sae_matches_main_app(serve_app, http, apps):
     """The whole app with max_loaded_saes=1 (every request over both SAEs churns the cache) answers exactly as
     the main app does, under concurrency."""
     import httpx
     from ray import serve
 
-    from ingress.app import build_app
-    from ingress.args import AppArgs
-
-    small = {"ray_actor_options": SMALL}
-    fixed = {"num_replicas": 1, "autoscaling_config": None, **small}
-    args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=SECRET, token_limit=64, max_loaded_saes=1,
-                   deployment_options={"SAEServeIngress": fixed, "ModelDeployment": fixed, "SAEShard": fixed})
-    serve.run(build_app(args), name="saecache", route_prefix="/saecache")
+    assert "saecache" in apps  # deployed at /saecache (full_app_args)
     try:
         prompts = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "bird", "fish") for v in ("red", "big", "one")]
         bodies = [dict(prompt=p, model=MODEL_ID, source_set="res-demo", selected_sources=sel, sort_by_token_indexes=[],
