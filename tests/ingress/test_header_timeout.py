@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from ingress import header_timeout
+from tests.rawhttp import read_until_closed, status_and_body
 
 TIMEOUT_S = 0.6
 
@@ -51,33 +52,12 @@ def server(request):
     t.join(10)
 
 
-def _read_all(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection (or ``limit_s`` passes), and when it closed."""
-    t0 = time.monotonic()
-    sock.settimeout(0.1)
-    data = b""
-    while time.monotonic() - t0 < limit_s:
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            continue
-        if not chunk:
-            return data, time.monotonic() - t0
-        data += chunk
-    return data, float("inf")
-
-
-def _status_and_body(raw: bytes) -> tuple[int, bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 def test_slow_headers_get_408(server):
     with socket.create_connection(("127.0.0.1", server)) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ...and never the blank line
-        raw, closed_after = _read_all(s, 5 * TIMEOUT_S + 2)
+        raw, closed_after = read_until_closed(s, 5 * TIMEOUT_S + 2)
     assert closed_after < 5 * TIMEOUT_S + 2, "the connection was never closed"
-    status, body = _status_and_body(raw)
+    status, body = status_and_body(raw)
     assert status == 408
     assert "not received within" in json.loads(body)["error"]
 
@@ -95,10 +75,10 @@ def test_trickled_headers_get_408(server):
                 closed = True
                 break
             time.sleep(TIMEOUT_S / 6)
-        raw, closed_after = _read_all(s, 2)
+        raw, closed_after = read_until_closed(s, 2)
     assert closed or closed_after < 2
     if raw:
-        assert _status_and_body(raw)[0] == 408
+        assert status_and_body(raw)[0] == 408
 
 
 def test_prompt_requests_and_kept_alive_connections_are_unaffected(server):
@@ -108,7 +88,7 @@ def test_prompt_requests_and_kept_alive_connections_are_unaffected(server):
             s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             s.settimeout(5)
             raw = s.recv(65536)
-            assert _status_and_body(raw) == (200, json.dumps({"n": i}).encode())
+            assert status_and_body(raw) == (200, json.dumps({"n": i}).encode())
             time.sleep(1.5 * TIMEOUT_S)  # idle between requests: the keep-alive timeout's business, not this one's
 
 
@@ -120,7 +100,7 @@ def test_slow_body_is_not_a_header_timeout(server):
         s.sendall(b"cd")
         s.settimeout(5)
         raw = s.recv(65536)
-    assert _status_and_body(raw) == (200, b'{"n": 4}')
+    assert status_and_body(raw) == (200, b'{"n": 4}')
 
 
 def test_ray_env_names_the_wrapper_or_the_callback(monkeypatch):
@@ -218,9 +198,9 @@ def test_haproxy_through_the_wrapper_times_out_slow_headers(tmp_path):
                 time.sleep(0.1)
         with s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
-            raw, closed_after = _read_all(s, 10)
+            raw, closed_after = read_until_closed(s, 10)
         assert closed_after < 10
-        assert _status_and_body(raw)[0] == 408
+        assert status_and_body(raw)[0] == 408
         assert cfg.read_text() == original  # Serve's file untouched; HAProxy read the copy
         assert "timeout http-request 1s" in (tmp_path / "haproxy.cfg.header-timeout.cfg").read_text()
     finally:

@@ -18,6 +18,7 @@ Exit status 0 and a last line ``MULTINODE OK {...}`` on success.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -217,8 +218,8 @@ def main() -> int:
         timer.cancel()
         # The cluster is thrown away: kill its nodes rather than drain them (serve.shutdown and a graceful
         # Cluster.shutdown took 26 s here). A node's workers and replicas exit when their raylet goes.
-        nodes = ([*cluster.worker_nodes] + [cluster.head_node]) if cluster is not None else []
-        for step in (lambda: ray.shutdown(), *(lambda n=n: cluster.remove_node(n, allow_graceful=False) for n in nodes if n)):
+        nodes = [n for n in (*cluster.worker_nodes, cluster.head_node) if n] if cluster is not None else []
+        for step in (ray.shutdown, *(functools.partial(cluster.remove_node, n, allow_graceful=False) for n in nodes)):
             try:
                 step()
             except Exception as e:  # keep shutting down
