@@ -17,6 +17,8 @@ venv: $(BIN)/.installed
 
 # Request headers not complete within SAESERVE_HEADER_TIMEOUT_S (default 10) get HAProxy's 408 (ingress/header_timeout.py).
 HEADER_TIMEOUT_ENV := RAY_SERVE_HAPROXY_BINARY_PATH="$(CURDIR)/scripts/haproxy_header_timeout.py"
+# Serve kills a proxy that is not ready 5 s after it starts, and `serve run` fails: on a busy machine, 30 s (docs/reliability.md).
+PROXY_READY_ENV := RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=$${RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S:-30}
 
 # Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
 # RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; benchmarks/README.md).
@@ -24,7 +26,7 @@ HEADER_TIMEOUT_ENV := RAY_SERVE_HAPROXY_BINARY_PATH="$(CURDIR)/scripts/haproxy_h
 # runs the venv's python (tests/readme/test_readme_commands.py runs the README's job that way).
 SERVE_CONFIG ?= serve_config.yaml
 serve: venv
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 $(HEADER_TIMEOUT_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run $(SERVE_CONFIG)
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 $(HEADER_TIMEOUT_ENV) $(PROXY_READY_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run $(SERVE_CONFIG)
 
 test: venv chromium
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests

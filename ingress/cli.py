@@ -262,6 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .header_timeout import ray_env
 
         os.environ.update(ray_env(ns.http_proxy == "haproxy"))  # slow request headers get a 408
+        # Serve gives a new proxy actor 5 s to report ready, then kills it, and serve.start fails with ActorDiedError:
+        # seen when the CLI started on a busy 2-core machine. 30 s unless the user set it.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     app, specs = _build(args, parser)
     _setup_logging()
     log.info("%d SAEs to serve: %s", len(specs), ", ".join(s.id for s in specs[:8]) + (" ..." if len(specs) > 8 else ""))
