@@ -1,6 +1,7 @@
 """The GPU check's pieces on the CPU: scripts/gpu_check.sh --dry-run (the same python entry points: the GPU tests'
 runner, the benchmark harness, the report), its budget, the bundle's unpacking, and the gemma-2-2b benchmark shape's
-machinery (synthetic vocabulary, random fill, bfloat16 baseline) at a small size."""
+machinery (synthetic vocabulary, random fill, bfloat16 baseline) at a small size. The dry run that writes the report
+runs in the session's background (tests/background.py) from the start of the run."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
+
+from tests import background
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -25,10 +31,24 @@ def _dry_run(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_dry_run_writes_the_report(tmp_path):
-    out = tmp_path / "out"
-    r = _dry_run(out, "--steps", "tests,bench-gpt2-small", "--budget-s", "300",
-                 "--pytest-args", "-k health_check_and_sae_budget")
+# No Ray in a dry run (the service is off): nothing to wait for before it starts.
+@background.check("gpu-dry-run", order=2)
+def dry_run_report() -> tuple[subprocess.CompletedProcess, Path]:
+    out = Path(tempfile.mkdtemp(prefix="gpu-dry-")) / "out"
+    return _dry_run(out, "--steps", "tests,bench-gpt2-small", "--budget-s", "300",
+                    "--pytest-args", "-k health_check_and_sae_budget"), out
+
+
+@pytest.mark.background("gpu-dry-run")
+def test_dry_run_writes_the_report():
+    r, out = background.result("gpu-dry-run")
+    try:
+        check_report(r, out)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def check_report(r: subprocess.CompletedProcess, out: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(NAME_OK.match(f) for f in files), files

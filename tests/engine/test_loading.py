@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 
 from deployments.engine.loading import load_model, load_sae, load_saes, parse_dtype, sae_nbytes
 from deployments.specs import SAESpec, check_model, list_pretrained_models, neuronpedia_set_of, pretrained_sets, read_sae_config, resolve_sae_specs
+from tests import background
 
 REPO = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -94,9 +97,9 @@ def _tiny_gpt2(hub: Path, repo_id: str, n_layer: int, seed: int) -> None:
     GPT2LMHeadModel(cfg).save_pretrained(str(snap))
 
 
-@pytest.fixture(scope="module")
-def hf_hub(tmp_path_factory) -> Path:
-    hub = tmp_path_factory.mktemp("hf") / "hub"
+def hf_hub() -> Path:
+    """The cache, in a temp dir of its own; built in the session's main thread (it seeds torch's global RNG)."""
+    hub = Path(tempfile.mkdtemp(prefix="hf-")) / "hub"
     _write_release(hub)
     _tiny_gpt2(hub, "gpt2", n_layer=12, seed=0)  # TransformerLens: gpt2-small -> official "gpt2" -> repo "gpt2"
     _tiny_gpt2(hub, "distilgpt2", n_layer=2, seed=1)  # another name, for override_model_id
@@ -125,11 +128,16 @@ def test_directory_names_map_like_neuronpedia():
     assert "res-jb" in pretrained_sets("gpt2-small-it")
 
 
-def test_pretrained_release_offline_from_hf_cache(hf_hub):
-    """Resolve set res-jb for gpt2-small (configs only), then load two SAEs through the real SAE.from_pretrained,
-    and the model through HookedTransformer.from_pretrained_no_processing, all offline from the cache; with an
-    empty cache, resolving fails with a message that says why."""
-    out = _run_offline(hf_hub, """
+# A fresh interpreter importing SAE Lens and TransformerLens: ~15 s on one core, in the session's background.
+@background.check("hf-cache-offline", order=3, prepare=hf_hub)
+def load_offline_from_hf_cache(hub: Path) -> dict:
+    try:
+        return _run_offline(hub, OFFLINE_PROGRAM)
+    finally:
+        shutil.rmtree(hub.parent, ignore_errors=True)
+
+
+OFFLINE_PROGRAM = """
         import torch
         from sae_lens import SAE
         from safetensors.torch import load_file
@@ -168,7 +176,15 @@ def test_pretrained_release_offline_from_hf_cache(hf_hub):
         except ValueError as e:
             res["no_cache"] = str(e)
         print(json.dumps(res))
-    """)
+"""
+
+
+@pytest.mark.background("hf-cache-offline")
+def test_pretrained_release_offline_from_hf_cache():
+    """Resolve set res-jb for gpt2-small (configs only), then load two SAEs through the real SAE.from_pretrained,
+    and the model through HookedTransformer.from_pretrained_no_processing, all offline from the cache; with an
+    empty cache, resolving fails with a message that says why."""
+    out = background.result("hf-cache-offline")
     assert out["ids"] == [f"{i}-res-jb" for i in range(13)]  # "gpt2-small/12-res-jb" is blocks.11.hook_resid_post
     assert out["hooks"][:2] == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
     assert out["hooks"][12] == "blocks.11.hook_resid_post"

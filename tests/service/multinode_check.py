@@ -37,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # it runs beside the suite (docs/reliability.md)
 os.environ.pop("RAY_ADDRESS", None)
 # Our own Ray temp dir: Cluster records its address in <temp>/ray/ray_current_cluster, and a plain ray.init()
 # elsewhere on this machine reads /tmp/ray/ray_current_cluster; keep ours out of other sessions' way.
@@ -48,7 +49,10 @@ if "RAY_TMPDIR" not in os.environ:
 T0 = time.monotonic()
 MB = 1024 * 1024
 PACK = REPO / "models" / "demo-lm"
-NODE = dict(object_store_memory=80 * MB, include_dashboard=False)
+# dashboard_agent_listen_port=None: any free port (0) for every node's job agent, the head's included, which would
+# otherwise take 52365, the port the README's `make serve` needs for its `ray job submit` (tests/readme) while this
+# script runs beside it (tests/background.py).
+NODE = dict(object_store_memory=80 * MB, include_dashboard=False, dashboard_agent_listen_port=None)
 HEALTH_CHECKS = {"health_check_period_s": 1, "health_check_timeout_s": 10}
 
 

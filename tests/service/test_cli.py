@@ -2,7 +2,8 @@
 dir, so it never meets the test session's Ray), on a random pack; /health, activation/all, SIGINT → exit 0 with
 no Ray process left behind. Also ``--list_models`` against SAE Lens's directory, and bad flags → exit 2.
 
-Uses no fixture from conftest.py: it does not start the session's Ray or app.
+Uses no fixture from conftest.py: it does not start the session's Ray or app. The real-command runs are checks in
+the session's background (tests/background.py), started with the run; their tests wait for the outcome.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 from ingress import haproxy_env  # noqa: E402
+from tests import background  # noqa: E402
 
 
 def _exe() -> list[str]:
@@ -64,21 +66,22 @@ def _ray_processes(marker: str) -> list:
     return list(found.values())
 
 
-@pytest.fixture(scope="module")
-def random_pack(tmp_path_factory) -> Path:
+def random_pack() -> Path:
+    """A seeded random pack in a temp dir of its own (apart from the Ray temp dir: only Ray's processes name that)."""
     from scripts.make_random_pack import write_random_pack
 
-    return write_random_pack(tmp_path_factory.mktemp("cli") / "pack", n_layers=2, d_model=32, d_sae=64, vocab_size=300,
-                             set_name="res-rand", model_name="rand-lm")
+    return write_random_pack(Path(tempfile.mkdtemp(prefix="cli-pack-")) / "pack", n_layers=2, d_model=32, d_sae=64,
+                             vocab_size=300, set_name="res-rand", model_name="rand-lm")
 
 
-@pytest.mark.slow
-def test_cli_serves_a_pack_and_shuts_down_cleanly_on_sigint(random_pack):
+# The CLI's ray.init Ray would take the job agent's port if free: it starts once the README's tests are over.
+@background.check("cli-sigint", order=4, gate=background.JOB_AGENT_PORT, prepare=random_pack)
+def serve_a_pack_and_sigint(pack: Path) -> None:
     port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rcli", dir="/tmp")  # short: Ray's socket paths live under it
     log_path = Path(ray_tmp) / "cli.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([*_exe(), "--model_id", str(random_pack), "--host", "127.0.0.1", "--port", str(port),
+        proc = subprocess.Popen([*_exe(), "--model_id", str(pack), "--host", "127.0.0.1", "--port", str(port),
                                  "--secret", "cli-secret", "--token_limit", "32", "--ray_temp_dir", ray_tmp],
                                 env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
     try:
@@ -123,10 +126,17 @@ def test_cli_serves_a_pack_and_shuts_down_cleanly_on_sigint(random_pack):
             proc.kill()
             proc.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(pack.parent, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def real_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+@pytest.mark.slow
+@pytest.mark.background("cli-sigint")
+def test_cli_serves_a_pack_and_shuts_down_cleanly_on_sigint():
+    background.result("cli-sigint")
+
+
+@background.check("cli-commands", order=1)
+def real_command_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
     """The real command with each argv below, the runs side by side: each spends ~10 s importing on one core."""
     argvs = [("--list_models",), *(tuple(argv) for argv, _ in REAL_BAD_FLAGS)]
     procs = {argv: subprocess.Popen([*_exe(), *argv], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -144,6 +154,12 @@ def real_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
     return runs
 
 
+@pytest.fixture(scope="module")
+def real_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    return background.result("cli-commands")
+
+
+@pytest.mark.background("cli-commands")
 def test_list_models_matches_sae_lens_directory(real_runs):
     from deployments.specs import list_pretrained_models
 
@@ -193,6 +209,7 @@ def test_bad_flags_exit_2_with_a_message(argv, needle, capsys):
 REAL_BAD_FLAGS = [BAD_FLAGS[0], BAD_FLAGS[10]]
 
 
+@pytest.mark.background("cli-commands")
 @pytest.mark.parametrize("argv, needle", REAL_BAD_FLAGS)
 def test_bad_flags_exit_status_of_the_real_command(real_runs, argv, needle):
     r = real_runs[tuple(argv)]

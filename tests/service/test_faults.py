@@ -1,5 +1,9 @@
 """Faults under load: kill a ModelDeployment replica, then an SAEShard replica (ray.kill on the actor).
-In-flight requests get at most a 503, new requests succeed within 30 s, nothing stays wedged."""
+In-flight requests get at most a 503, new requests succeed within 30 s, nothing stays wedged.
+
+The replicas killed are the main app's (conftest.serve_app): these tests run last in the session
+(tests/conftest.py orders them), so no other test meets a replica that was killed and started again.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,14 @@ from collections import Counter
 import httpx
 import pytest
 
-from .conftest import MODEL_ID
+from .conftest import MODEL_ID, SECRET
 
-APP = "faults"
-# Small CPU requests: these apps share the session's 2 CPUs with the main app.
+APP = "saeserve"  # the main app's name (conftest.serve_app)
+AUTH = {"X-SECRET-KEY": SECRET}
+# Small CPU requests: the queue app shares the session's 2 CPUs with the main app.
 SMALL = {name: {"ray_actor_options": {"num_cpus": 0.05}} for name in ("SAEServeIngress", "ModelDeployment", "SAEShard")}
 BODY = {"prompt": "the cat sat on the mat", "model": MODEL_ID, "source_set": "res-demo", "selected_sources": [],
         "sort_by_token_indexes": [], "ignore_bos": True, "num_results": 5}
-
-
-@pytest.fixture(scope="module")
-def faults_app(serve_app, pack_dir):
-    from ray import serve
-
-    from ingress.app import build_app
-    from ingress.args import AppArgs
-
-    serve.run(build_app(AppArgs(model=str(pack_dir), sae_sets=["res-demo"], secret=None, deployment_options=SMALL)),
-              name=APP, route_prefix=f"/{APP}")
-    yield f"{serve_app}/{APP}"
-    serve.delete(APP)
 
 
 def _replica_actor(deployment: str):
@@ -43,7 +35,7 @@ def _replica_actor(deployment: str):
 
 
 def _load(base: str, stop: threading.Event, statuses: Counter, lock: threading.Lock):
-    with httpx.Client(timeout=60) as c:
+    with httpx.Client(timeout=60, headers=AUTH) as c:
         while not stop.is_set():
             try:
                 code = c.post(f"{base}/v1/activation/all", json=BODY).status_code
@@ -57,7 +49,7 @@ def _recovers_within(base: str, seconds: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         try:
-            if httpx.post(f"{base}/v1/activation/all", json=BODY, timeout=30).status_code == 200:
+            if httpx.post(f"{base}/v1/activation/all", json=BODY, headers=AUTH, timeout=30).status_code == 200:
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
@@ -66,18 +58,18 @@ def _recovers_within(base: str, seconds: float) -> float:
 
 
 @pytest.mark.parametrize("deployment", ["ModelDeployment", "SAEShard"])
-def test_killing_a_replica_under_load(faults_app, deployment):
+def test_killing_a_replica_under_load(serve_app, deployment):
     import ray
 
-    assert httpx.post(f"{faults_app}/v1/activation/all", json=BODY, timeout=60).status_code == 200
+    assert httpx.post(f"{serve_app}/v1/activation/all", json=BODY, headers=AUTH, timeout=60).status_code == 200
     stop, lock, statuses = threading.Event(), threading.Lock(), Counter()
-    workers = [threading.Thread(target=_load, args=(faults_app, stop, statuses, lock), daemon=True) for _ in range(4)]
+    workers = [threading.Thread(target=_load, args=(serve_app, stop, statuses, lock), daemon=True) for _ in range(4)]
     for w in workers:
         w.start()
     try:
         time.sleep(1.0)
         ray.kill(_replica_actor(deployment), no_restart=False)
-        took = _recovers_within(faults_app, 30)
+        took = _recovers_within(serve_app, 30)
         time.sleep(1.0)
     finally:
         stop.set()
@@ -87,7 +79,7 @@ def test_killing_a_replica_under_load(faults_app, deployment):
     bad = {code: n for code, n in statuses.items() if code not in (200, 503)}
     assert not bad, f"in-flight requests got {bad} (only 200 or 503 allowed); all: {dict(statuses)}"
     # ...and afterwards everything is served again
-    codes = [httpx.post(f"{faults_app}/v1/activation/all", json=BODY, timeout=60).status_code for _ in range(5)]
+    codes = [httpx.post(f"{serve_app}/v1/activation/all", json=BODY, headers=AUTH, timeout=60).status_code for _ in range(5)]
     assert codes == [200] * 5
     print(f"{deployment}: recovered in {took:.1f}s; statuses under load {dict(statuses)}")
 

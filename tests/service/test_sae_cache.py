@@ -87,29 +87,36 @@ def full_app_args(pack_dir):
                    deployment_options={"SAEServeIngress": fixed, "ModelDeployment": fixed, "SAEShard": fixed})
 
 
+# The count test and the churn test share one app (room for two SAEs): the count test, first in the file, reads the
+# replica's counters from zero; the churn test counts from where it finds them.
+LRU_APP = "sae-cache-lru"
+
+
 @pytest.fixture(scope="module")
 def apps(request, serve_app, specs, direct, pack_dir):
-    """The app of each selected test of this module, deployed together once Serve runs (serve_app): their eight
-    replicas start side by side. ``{name: ingress handle}``; each test deletes its own app."""
+    """The apps of the selected tests of this module, deployed together once Serve runs (serve_app): their seven
+    replicas start side by side. ``{name: ingress handle}``; a test deletes an app only it uses, the rest go here."""
     from ray import serve
 
     from ingress.app import build_app
 
     builders = {
-        "test_count_budget_evicts_lru": ("sae-cache-count", None, lambda: shard_app(specs, max_loaded_saes=2)),
+        "test_count_budget_evicts_lru": (LRU_APP, None, lambda: shard_app(specs, max_loaded_saes=2)),
         "test_byte_budget_and_concurrent_miss_loads_once":
             ("sae-cache-bytes", None, lambda: shard_app(specs, max_sae_bytes=one_sae_bytes(specs, direct))),  # room for one
-        "test_mixed_concurrent_churn_stays_correct": ("sae-cache-churn", None, lambda: shard_app(specs, max_loaded_saes=2)),
+        "test_mixed_concurrent_churn_stays_correct": (LRU_APP, None, lambda: shard_app(specs, max_loaded_saes=2)),
         "test_requests_go_to_the_replica_holding_the_sae":
             ("sae-cache-routing", None, lambda: shard_app(specs, replicas=2, max_loaded_saes=2)),
         "test_full_app_with_room_for_one_sae_matches_main_app":
             ("saecache", "/saecache", lambda: build_app(full_app_args(pack_dir))),
     }
     selected = {item.originalname for item in request.session.items if item.module is request.module}
-    targets = [serve.RunTarget(target=build(), name=name, route_prefix=prefix)
-               for test, (name, prefix, build) in builders.items() if test in selected]
+    wanted = {name: (prefix, build) for test, (name, prefix, build) in builders.items() if test in selected}
+    targets = [serve.RunTarget(target=build(), name=name, route_prefix=prefix) for name, (prefix, build) in wanted.items()]
     handles = serve.run_many(targets) if targets else []
-    return {t.name: h for t, h in zip(targets, handles)}
+    yield {t.name: h for t, h in zip(targets, handles)}
+    if LRU_APP in wanted:
+        delete(LRU_APP)
 
 
 def batch(sae_id: str, acts: np.ndarray, k: int):
@@ -148,35 +155,32 @@ def delete(name: str) -> None:
 
 def test_count_budget_evicts_lru(specs, direct, apps):
     ids = [s.id for s in specs]
-    h = apps["sae-cache-count"]  # max_loaded_saes=2
-    try:
-        m0 = h.metrics.remote().result(timeout_s=TIMEOUT_S)
-        assert (m0["loads"], m0["evictions"], m0["resident"]) == (0, 0, [])
+    h = apps[LRU_APP]  # max_loaded_saes=2, fresh
+    m0 = h.metrics.remote().result(timeout_s=TIMEOUT_S)
+    assert (m0["loads"], m0["evictions"], m0["resident"]) == (0, 0, [])
 
-        def step(sae_id, seed):
-            a = acts_for(seed)
-            assert same(rank(h, sae_id, a), direct(sae_id, a, 8)), sae_id
-            return h.metrics.remote().result(timeout_s=TIMEOUT_S)
+    def step(sae_id, seed):
+        a = acts_for(seed)
+        assert same(rank(h, sae_id, a), direct(sae_id, a, 8)), sae_id
+        return h.metrics.remote().result(timeout_s=TIMEOUT_S)
 
-        m = step(ids[0], 1)
-        assert (m["loads"], m["hits"], m["resident"]) == (1, 0, [ids[0]])
-        m = step(ids[1], 2)
-        assert (m["loads"], m["evictions"], m["resident"]) == (2, 0, [ids[0], ids[1]])  # least recently used first
-        m = step(ids[0], 3)  # a hit: no load, and ids[0] becomes most recently used
-        assert (m["loads"], m["hits"], m["resident"]) == (2, 1, [ids[1], ids[0]])
-        m = step(ids[2], 4)  # over the count budget: ids[1] (LRU) goes
-        assert (m["loads"], m["evictions"], m["resident"]) == (3, 1, [ids[0], ids[2]])
-        m = step(ids[3], 5)
-        assert (m["loads"], m["evictions"], m["resident"]) == (4, 2, [ids[2], ids[3]])
-        m = step(ids[1], 6)  # evicted earlier: loaded again, same answers
-        assert (m["loads"], m["evictions"], m["resident"]) == (5, 3, [ids[3], ids[1]])
-        from deployments.sae_shard import LoadedSAE
+    m = step(ids[0], 1)
+    assert (m["loads"], m["hits"], m["resident"]) == (1, 0, [ids[0]])
+    m = step(ids[1], 2)
+    assert (m["loads"], m["evictions"], m["resident"]) == (2, 0, [ids[0], ids[1]])  # least recently used first
+    m = step(ids[0], 3)  # a hit: no load, and ids[0] becomes most recently used
+    assert (m["loads"], m["hits"], m["resident"]) == (2, 1, [ids[1], ids[0]])
+    m = step(ids[2], 4)  # over the count budget: ids[1] (LRU) goes
+    assert (m["loads"], m["evictions"], m["resident"]) == (3, 1, [ids[0], ids[2]])
+    m = step(ids[3], 5)
+    assert (m["loads"], m["evictions"], m["resident"]) == (4, 2, [ids[2], ids[3]])
+    m = step(ids[1], 6)  # evicted earlier: loaded again, same answers
+    assert (m["loads"], m["evictions"], m["resident"]) == (5, 3, [ids[3], ids[1]])
+    from deployments.sae_shard import LoadedSAE
 
-        nbytes = {s.id: LoadedSAE(s, direct.saes[s.id]).nbytes for s in specs}  # weights + cosine index
-        assert m["resident_bytes"] == nbytes[ids[3]] + nbytes[ids[1]]
-        assert m["requests"] == 6 and m["hits"] == 1
-    finally:
-        delete("sae-cache-count")
+    nbytes = {s.id: LoadedSAE(s, direct.saes[s.id]).nbytes for s in specs}  # weights + cosine index
+    assert m["resident_bytes"] == nbytes[ids[3]] + nbytes[ids[1]]
+    assert m["requests"] == 6 and m["hits"] == 1
 
 
 def test_byte_budget_and_concurrent_miss_loads_once(specs, direct, apps):
@@ -215,20 +219,19 @@ def test_byte_budget_and_concurrent_miss_loads_once(specs, direct, apps):
 def test_mixed_concurrent_churn_stays_correct(specs, direct, apps):
     """Many requests at once over 4 SAEs with room for 2: evictions wait for SAEs in use; every answer is right."""
     ids = [s.id for s in specs]
-    h = apps["sae-cache-churn"]  # max_loaded_saes=2
-    try:
-        jobs = [(ids[i % 4], acts_for(200 + i, seq=2 + i % 7)) for i in range(48)]
-        for start in range(0, len(jobs), 16):  # waves of 16 concurrent requests
-            wave = jobs[start:start + 16]
-            responses = [h.options(multiplexed_model_id=i).run.remote(batch(i, a, 8)) for i, a in wave]
-            for (sae_id, a), resp in zip(wave, responses):
-                got = [(r.index, r.max_value, r.max_value_index) for r in resp.result(timeout_s=TIMEOUT_S).results[0]]
-                assert same(got, direct(sae_id, a, 8)), sae_id
-        m = h.metrics.remote().result(timeout_s=TIMEOUT_S)
-        assert len(m["resident"]) <= 2 and m["requests"] == 48
-        assert m["evictions"] >= 2 and m["loads"] == m["evictions"] + len(m["resident"])
-    finally:
-        delete("sae-cache-churn")
+    h = apps[LRU_APP]  # max_loaded_saes=2 (after the count test, when both run)
+    m0 = h.metrics.remote().result(timeout_s=TIMEOUT_S)
+    jobs = [(ids[i % 4], acts_for(200 + i, seq=2 + i % 7)) for i in range(48)]
+    for start in range(0, len(jobs), 16):  # waves of 16 concurrent requests
+        wave = jobs[start:start + 16]
+        responses = [h.options(multiplexed_model_id=i).run.remote(batch(i, a, 8)) for i, a in wave]
+        for (sae_id, a), resp in zip(wave, responses):
+            got = [(r.index, r.max_value, r.max_value_index) for r in resp.result(timeout_s=TIMEOUT_S).results[0]]
+            assert same(got, direct(sae_id, a, 8)), sae_id
+    m = h.metrics.remote().result(timeout_s=TIMEOUT_S)
+    assert len(m["resident"]) <= 2 and m["requests"] - m0["requests"] == 48
+    # every SAE loaded since the replica started is either resident or was evicted
+    assert m["evictions"] - m0["evictions"] >= 2 and m["loads"] == m["evictions"] + len(m["resident"])
 
 
 def test_requests_go_to_the_replica_holding_the_sae(specs, direct, apps):
