@@ -106,7 +106,8 @@ def served():
             pytest.fail(f"make serve did not become healthy in {START_S} s:\n{(work / 'serve.log').read_text()[-4000:]}")
         yield {"base": base, "port": port, "dashboard": dashboard, "env": env, "work": work, "jobs_ok": jobs_ok}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # serve run shuts Serve and its Ray down on SIGTERM
+        # the whole group: a SIGTERM to `serve run` alone ends it but leaves its Ray running (README)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
