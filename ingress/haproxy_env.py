@@ -37,7 +37,10 @@ ALL_VARS = (BASE_VAR, *FILE_VARS, *SIDE_PORTS, *RANGE_VARS)
 
 
 def port_free(port: int) -> bool:
+    """No process listens on ``port``. SO_REUSEADDR, as the servers that bind these ports set it: a port whose
+    connections closed in the last minute (TIME_WAIT) is free for them, and so for this check."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
