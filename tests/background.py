@@ -3,7 +3,7 @@
 Why: the suite is CPU-bound on 2 cores only about 70% of the time; the rest it waits (on HTTP answers, on a Ray
 node or replica coming up, on a subprocess that runs on one core). A few checks need nothing of the session: each
 starts processes of its own (a multi-node Ray cluster, the real ``neuronpedia-server`` with its own Ray, the GPU
-check's dry run) and only waits on them. They start as soon as collection ends, one after another in one thread,
+check's dry run) and only waits on them. They start as soon as collection ends (or their gate opens), one after another in one thread,
 and the test that owns a check waits for its outcome (``result``): the same assertions, the same failures, but their
 minutes overlap the rest of the suite instead of adding to it.
 
@@ -17,7 +17,6 @@ session opens (``open_gate``) once its tests have passed that point; see the gat
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,16 +40,13 @@ class Check:
     done: threading.Event = field(default_factory=threading.Event)
     value: Any = None
     error: BaseException | None = None
-    seconds: float | None = None
 
     def run(self, prepared: tuple = ()) -> None:
-        t0 = time.monotonic()
         try:
             self.value = self.fn(*prepared)
         except BaseException as e:  # noqa: BLE001 - handed to the test that owns the check
             self.error = e
         finally:
-            self.seconds = time.monotonic() - t0
             self.done.set()
 
 
@@ -92,7 +88,7 @@ def start(names) -> None:
             try:
                 prepared[c.name] = (c.prepare(),)
             except BaseException as e:  # noqa: BLE001 - the check's test reports it
-                c.error, c.seconds = e, 0.0
+                c.error = e
                 c.done.set()
     todo = [c for c in todo if not c.done.is_set()]
 

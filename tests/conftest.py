@@ -114,7 +114,8 @@ def temporal_sae_dir(pack_dir, tmp_path_factory):
 def main_app_deployed(ray_session, pack_dir, att_sae_dir, temporal_sae_dir):
     """The real application (build_app + Serve) on the demo pack, with auth on, deployed from a thread without
     waiting for its replicas: Serve's proxies and the replicas start while other tests run (``_main_app_early``).
-    ``(base URL, thread)``; tests/service's ``serve_app`` joins the thread and waits until the app answers."""
+    ``(base URL, deploy)``, ``deploy`` a ``background.Check`` run in that thread; tests/service's ``serve_app`` waits
+    for it and then until the app answers."""
     import threading
 
     from ray import serve
@@ -122,25 +123,20 @@ def main_app_deployed(ray_session, pack_dir, att_sae_dir, temporal_sae_dir):
     from ingress.app import build_app
     from ingress.args import AppArgs
     from ingress.haproxy_env import free_port
+    from tests import background
 
     port = free_port()
     args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], sae_dirs=[str(att_sae_dir), str(temporal_sae_dir)], secret=SECRET,
                    token_limit=64, max_batch_prompts=4)
     app = build_app(args)
 
-    class Deploy(threading.Thread):
-        error: BaseException | None = None
+    def deploy_app():
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run_many([serve.RunTarget(target=app, name="saeserve", route_prefix="/")], wait_for_applications_running=False)
 
-        def run(self):
-            try:
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                serve.run_many([serve.RunTarget(target=app, name="saeserve", route_prefix="/")],
-                               wait_for_applications_running=False)
-            except BaseException as e:  # noqa: BLE001 - serve_app raises it
-                self.error = e
-
-    deploy = Deploy(name="deploy-main-app", daemon=True)
-    deploy.start()
+    # Not a scheduled background check: it must not queue behind them.
+    deploy = background.Check("deploy-main-app", deploy_app, order=0, gate=None)
+    threading.Thread(target=deploy.run, name="deploy-main-app", daemon=True).start()
     return f"http://127.0.0.1:{port}", deploy
 
 

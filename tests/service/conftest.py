@@ -13,13 +13,13 @@ MODEL_ID = "demo-lm"
 
 @pytest.fixture(scope="session")
 def serve_app(main_app_deployed):
-    """The real application (build_app + serve.run) on the demo pack, with auth on, once it answers /health (it was
+    """The real application (build_app + Serve) on the demo pack, with auth on, once it answers /health (it was
     deployed when the session left the README's tests: tests/conftest.py). Yields the base URL."""
     base, deploy = main_app_deployed
-    deploy.join(240)
-    if deploy.is_alive() or deploy.error is not None:
-        raise RuntimeError(f"deploying the main app failed: {deploy.error!r}" if deploy.error else
-                           "deploying the main app took over 240 s") from deploy.error
+    if not deploy.done.wait(240):
+        raise RuntimeError("deploying the main app took over 240 s")
+    if deploy.error is not None:
+        raise RuntimeError(f"deploying the main app failed: {deploy.error!r}") from deploy.error
     deadline = time.monotonic() + 240  # deployed beside other tests on 2 cores
     while time.monotonic() < deadline:
         try:
