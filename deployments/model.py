@@ -61,7 +61,7 @@ class ModelDeployment:
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
         self.runner = self.compute.call(
-            lambda: ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device))
+            lambda: ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device, lean=False))
         # Capture and generation take turns on the model: each decode step is one compute task, so a capture waits
         # at most one step. Generation adds no hooks to the model (engine.decoder steers from its own tables).
         # ``generate_positions``: KV-cache positions per row slot (prompt + new tokens), at most the model's n_ctx.
@@ -69,6 +69,10 @@ class ModelDeployment:
         self.generator = self.compute.call(lambda: GenerationScheduler(
             self.runner.model, max_rows=generate_rows, max_len=generate_positions, fixed_shapes=generate_fixed_shapes,
             lock=self._model_lock, run=self.compute.run))
+        # Capture runs the generation engine's forward pass over the same weights (engine.capture): one copy of
+        # its fused weights. None where generation is not implemented for the architecture: TransformerLens then.
+        if self.generator.engine is not None:
+            self.runner.use_decoder(self.generator.engine.decoder)
         # lens/prompt: its runs take turns with everything else on the compute thread, a step at a time.
         self.lens_engine = self.compute.call(self._lens_engine, jacobian_lens)
         self._in_flight = collections.Counter()  # lens runs and generations under way (what fail_if_busy refuses on)
@@ -270,10 +274,12 @@ class ModelDeployment:
         return out
 
     async def capture_stats(self) -> dict:
-        """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started;
+        """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started
+        (``lean_passes`` / ``hooked_passes``: forward passes through engine.decoder / TransformerLens's hooks);
         handle calls received and made (``calls``: features, capture, shard_run = calls made to SAEShard); its
         compute thread's tasks (``compute``: how many ran, how many as CPU bursts)."""
-        return {**self._capture_counts, "calls": dict(self._calls), "compute": dict(self.compute.stats)}
+        return {**self._capture_counts, **self.runner.stats, "calls": dict(self._calls),
+                "compute": dict(self.compute.stats)}
 
     async def generate(self, requests: list[GenerationRequest]):
         """Stream the rows' tokens step by step (``handle.options(stream=True).generate.remote(rows)``).

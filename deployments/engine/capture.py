@@ -3,6 +3,11 @@
 Capture is batched: prompts of different lengths are right-padded into one forward pass. In a causal
 model a position never attends to later ones, so right padding leaves every real position's activations
 as they would be alone; we slice each prompt back to its own length.
+
+The forward pass is engine.decoder's (``SlotDecoder.capture``) wherever it implements the architecture and every
+hook asked for: TransformerLens's ``run_with_cache`` costs milliseconds of Python per call whatever the batch
+(hook points, einops re-layouts, per-forward weight re-layouts), which on a GPU or a small model is most of a
+capture's time. Other hooks (attention patterns, norm scales) and architectures go through ``run_with_cache``.
 """
 
 from __future__ import annotations
@@ -16,16 +21,33 @@ from .errors import RequestError
 
 
 class ModelRunner:
-    def __init__(self, model, device: str | None = None):
+    """``lean``: capture through engine.decoder's forward pass where it can (a SlotDecoder of its own; a replica
+    that also generates hands over its generation engine's with :meth:`use_decoder`, to share its weight copies)."""
+
+    def __init__(self, model, device: str | None = None, lean: bool = True):
         self.model = model
         self.model.eval()
         self.device = device or str(model.cfg.device)
         self.tokenizer = model.tokenizer
         self.pad_id = self._pad_id()
         self._hook_shapes = self._probe_hook_shapes()
+        self.decoder = None
+        self.stats = {"lean_passes": 0, "hooked_passes": 0}  # forward passes by path
+        if lean:
+            from .decoder import SlotDecoder, unsupported_reason
+
+            if unsupported_reason(model) is None:
+                self.use_decoder(SlotDecoder(model, 1))
+
+    def use_decoder(self, decoder) -> None:
+        """Capture through ``decoder`` (a SlotDecoder over this very model; None: TransformerLens only)."""
+        assert decoder is None or decoder.model is self.model
+        self.decoder = decoder
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
+        if tok is None:  # a model built without one (token ids only)
+            return 0
         for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
             if cand is not None:
                 return int(cand)
@@ -82,13 +104,20 @@ class ModelRunner:
         batch = torch.full((len(requests), max(lengths)), self.pad_id, dtype=torch.long)
         for i, r in enumerate(requests):
             batch[i, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
-        _, cache = self.model.run_with_cache(
-            batch.to(self.device),
-            names_filter=lambda name: name in hooks,
-            stop_at_layer=stop_layer_for(hooks, self.model.cfg.n_layers),
-            return_cache_object=False,
-            return_type=None,  # hooks only: never the [batch, pos, d_vocab] unembed (a third of GPT-2's FLOPs)
-        )
+        stop = stop_layer_for(hooks, self.model.cfg.n_layers)
+        if self.decoder is not None and self.decoder.can_capture(hooks):
+            self.stats["lean_passes"] += 1
+            acts = self.decoder.capture(batch.to(self.device), hooks, stop)
+            cache = {h: a.view(*a.shape[:2], *self._hook_shapes[h]) for h, a in acts.items()}
+        else:
+            self.stats["hooked_passes"] += 1
+            _, cache = self.model.run_with_cache(
+                batch.to(self.device),
+                names_filter=lambda name: name in hooks,
+                stop_at_layer=stop,
+                return_cache_object=False,
+                return_type=None,  # hooks only: never the [batch, pos, d_vocab] unembed (a third of GPT-2's FLOPs)
+            )
         host = {h: cache[h].float().cpu().numpy() for h in hooks}
         return [{h: _unpad(h, host[h][i], n) for h in r.hooks} for i, (r, n) in enumerate(zip(requests, lengths))]
 

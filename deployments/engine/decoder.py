@@ -319,6 +319,48 @@ class SlotDecoder:
             logits = self.out_softcap * torch.tanh(logits / self.out_softcap)
         return logits[:B].float()
 
+    def can_capture(self, hooks) -> bool:
+        """Whether :meth:`capture` produces every one of ``hooks`` (the per-position hook points of ``widths``)."""
+        return all(h in self.widths for h in hooks)
+
+    @torch.no_grad()
+    def capture(self, tokens: torch.Tensor, hooks, stop_layer: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Activations ``{hook: [B, T, width]}`` (the model's dtype, on its device) of right-padded prompts
+        ``tokens [B, T]`` at positions ``0..T-1``, running blocks ``0..stop_layer-1`` (None: all, and the final
+        norm when its hook is asked for). Every hook must be in ``widths`` (:meth:`can_capture`).
+
+        The same arithmetic as a prefill, with each row attending over its own keys and values rather than a KV
+        cache (the cache is not touched, so capture can run between decode steps): TransformerLens's
+        ``run_with_cache`` numbers to float32 rounding, without its per-hook-point Python. A causal model's real
+        positions never attend to the padding after them."""
+        B, T = tokens.shape
+        want = set(hooks)
+        out: dict[str, torch.Tensor] = {}
+
+        def hook(name: str, h: torch.Tensor, where=None, n_pos: int = T) -> torch.Tensor:
+            if name in want:
+                out[name] = h  # no op after this one writes in place into a hook's value
+            return h
+
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        pos_c = positions.clamp(max=self.n_ctx - 1)
+        resid = hook("hook_embed", self.W_E[tokens.reshape(-1)])
+        if self.W_pos is not None:
+            resid = resid + hook("hook_pos_embed", self.W_pos[pos_c.reshape(-1)])
+        ctx = (B, T, pos_c, None, None, hook)
+        n = len(self.blocks) if stop_layer is None else min(stop_layer, len(self.blocks))
+        masks = {}
+        for li, b in enumerate(self.blocks[:n]):
+            if b.local not in masks:
+                masks[b.local] = self._mask(b, positions, T)
+            resid = self._block(li, b, resid, masks[b.local], ctx)
+        if stop_layer is None and self.ln_final is not None and self.ln_final.hook in want:
+            self._norm(self.ln_final, resid, hook)
+        missing = want - out.keys()
+        if missing:
+            raise RequestError(f"Cannot capture {sorted(missing)} with this forward pass", 500)
+        return {h: out[h].view(B, T, -1) for h in hooks}
+
     def _norm(self, n: _Norm, x: torch.Tensor, hook) -> torch.Tensor:
         """TransformerLens's norms: normalise in float32 (hook_normalized), back to the model dtype, then the affine
         part. One fused normalisation op instead of TransformerLens's seven; the same formula, so the results agree
@@ -349,7 +391,7 @@ class SlotDecoder:
         """Each (row, query) may attend to its slot's keys at positions <= its own (and within the window of a
         local layer). Additive (0 / -inf) and laid out [B * Hkv, G * T, L] for ``baddbmm``, or boolean
         [B, 1, 1, T, L] for a soft-capped layer, which masks after the cap."""
-        keys = self.key_pos[:span]
+        keys = self.key_pos[:span] if span <= self.L else torch.arange(span, device=self.device)
         allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, span]
         if b.local:
             allowed = allowed & (keys[None, None, :] > positions[:, :, None] - b.window)
@@ -432,17 +474,23 @@ class SlotDecoder:
             q = hook(p + "hook_rot_q", self._rotate(b, q.view(B, T, H, dh), pos_c).reshape(N, -1))
             k = hook(p + "hook_rot_k", self._rotate(b, k.view(B, T, Hkv, dh), pos_c).reshape(N, -1))
         L = mask.shape[-1]  # the span
-        _, _, key_rows, value_rows = self._layer_kv[li]
-        # in place: this step's keys and values at each row's own positions (rows never share a slot position)
-        if T == 1:
+        if where_kv is None:  # capture: the prompts' own keys and values, no cache
+            K = k.view(B, T, Hkv, dh).transpose(1, 2).reshape(B * Hkv, T, dh)
+            V = v.view(B, T, Hkv, dh).transpose(1, 2).reshape(B * Hkv, T, dh)
+            qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
+        elif T == 1:
+            # in place: this step's keys and values at each row's own positions (rows never share a slot position)
+            _, _, key_rows, value_rows = self._layer_kv[li]
             key_rows.index_copy_(0, where_kv, k.reshape(-1, dh))
             value_rows.index_copy_(0, where_kv, v.reshape(-1, dh))
             qh = q.reshape(B * Hkv, G, dh)
+            K, V = self._reads(li, rows, L, B)
         else:
+            _, _, key_rows, value_rows = self._layer_kv[li]
             key_rows.index_copy_(0, where_kv, k.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
             value_rows.index_copy_(0, where_kv, v.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
             qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
-        K, V = self._reads(li, rows, L, B)
+            K, V = self._reads(li, rows, L, B)
         if b.softcap is None:  # scale, mask and q.k in one op (the mask adds 0 or -inf)
             scores = torch.baddbmm(mask, qh, K.transpose(1, 2), alpha=1.0 / b.scale)
         else:

@@ -101,12 +101,17 @@ CAPTURE_HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_v
                  "blocks.1.attn.hook_z", "blocks.3.hook_resid_pre", "blocks.3.hook_resid_post"]
 
 
-def test_capture(pack_dir, dtype, token_ids, ref_cache):
+@pytest.mark.parametrize("path", ["lean", "hooked"])
+def test_capture(pack_dir, dtype, token_ids, ref_cache, path):
+    """Both forward paths (engine.capture): per-position hooks go through engine.decoder's forward pass; a set with
+    an attention pattern through TransformerLens's hooks."""
     runner = ModelRunner(load_model(str(pack_dir), "cpu", dtype))
+    hooks = [h for h in CAPTURE_HOOKS if path == "hooked" or not h.endswith("hook_pattern")]
     keys = list(token_ids)
-    got = runner.capture([CaptureRequest(token_ids[k], CAPTURE_HOOKS) for k in keys])  # one padded batch
+    got = runner.capture([CaptureRequest(token_ids[k], hooks) for k in keys])  # one padded batch
+    assert runner.stats[f"{path}_passes"] == 1 and sum(runner.stats.values()) == 1
     for k, g in zip(keys, got):
-        for h in CAPTURE_HOOKS:
+        for h in hooks:
             want = ref_cache[k][h].numpy()
             assert g[h].dtype == np.float32 and g[h].shape == want.shape, (k, h)
             tol = capture_tolerance(h, dtype)
