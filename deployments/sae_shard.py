@@ -187,7 +187,8 @@ class SAEShard:
 
     def _run_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem]) -> list:
         """Every item's answer (on the compute thread): per SAE, its items' activations encoded as one matmul (in
-        chunks of ``encode_batch_size`` prompts), then each item's operation. A failing item gets an ItemError."""
+        chunks of ``encode_batch_size`` prompts), then each item's operation (plain rankings of a chunk together,
+        engine.features.rank_many). A failing item gets an ItemError."""
         out: list = [P.NotHere()] * len(items)
         by_sae: dict[str, list[int]] = {}
         for i, it in enumerate(items):
@@ -219,12 +220,40 @@ class SAEShard:
                     for i in chunk:
                         out[i] = P.ItemError("Out of memory while encoding these prompts; retry shortly", 503)
                     continue
-                for i, f in zip(chunk, parts):
+                plain = {j: None for j, i in enumerate(chunk) if self._plain_rank(items[i])}
+                # activation/all's usual case: ranked together (engine.features.rank_many), which costs more than
+                # rank_features for one prompt (0.5 vs 0.2 ms on the demo pack) and less from two on (0.8 vs 2.0 at 5)
+                if len(plain) < 2:
+                    plain = {}
+                if plain:
+                    ops = [items[chunk[j]].op for j in plain]
+                    try:
+                        codes = feats if len(plain) == len(chunk) else torch.cat([parts[j] for j in plain])
+                        ranked = F.rank_many(codes, [parts[j].shape[0] for j in plain], [o.num_results for o in ops],
+                                             [o.ignore_bos for o in ops])
+                    except Exception as e:  # then one by one below, each item with its own outcome
+                        if is_out_of_memory(e):
+                            release_cached_memory(self.device)
+                        else:
+                            log.exception("ranking %d prompts together failed: ranking them one by one", len(plain))
+                        plain = {}
+                    else:
+                        for j, rows in zip(plain, ranked):
+                            out[chunk[j]] = rows
+                for j, (i, f) in enumerate(zip(chunk, parts)):
+                    if j in plain:
+                        continue
                     try:
                         out[i] = self._apply(s, items[i], f)
                     except RequestError as e:
                         out[i] = P.ItemError(e.message, e.status)
         return out
+
+    @staticmethod
+    def _plain_rank(item: P.ShardItem) -> bool:
+        op = item.op
+        return (isinstance(op, P.RankOp) and not op.sort_by_token_indexes and op.feature_filter is None
+                and item.dfa_inputs is None)
 
     def _on_activations(self, s: LoadedSAE, item: P.ShardItem):
         """An item computed from its activations rather than its codes (similarity-matrix-pred), or its ItemError."""

@@ -139,6 +139,58 @@ def rank_features(
     ]
 
 
+def rank_many(feats: torch.Tensor, lengths: list[int], num_results: list[int],
+              ignore_bos: list[bool]) -> list[list[FeatureActivation]]:
+    """``rank_features`` (by max, no filter) of several prompts whose codes are stacked along positions, ``feats``
+    ``[sum(lengths), d_sae]``: the same answers, bit for bit, in a dozen tensor ops for the lot instead of a
+    dozen per prompt (at 16 prompts x 24 SAEs a shard call's per-prompt ops cost more than its encodes).
+
+    Per prompt: the max over its positions (BOS left out and the max floored at 0 under ``ignore_bos``, as
+    rank_features does) by one segment max, the top ``max(num_results)`` of every prompt by one ``stable_topk``
+    (whose answer's first k are the top k), each chosen feature's values by one gather, the first argmax by one
+    segment min. Non-finite codes (NaN orders differently under a segment max) go prompt by prompt."""
+    n, dev = len(lengths), feats.device
+    if n == 0:
+        return []
+    if not bool(torch.isfinite(feats).all()):
+        out, at = [], 0
+        for ln, k, bos in zip(lengths, num_results, ignore_bos):
+            out.append(rank_features(feats[at:at + ln], k, None, bos))
+            at += ln
+        return out
+    d_sae = feats.shape[1]
+    lens = torch.tensor(lengths, device=dev)
+    starts = torch.cumsum(lens, 0) - lens
+    job = torch.repeat_interleave(torch.arange(n, device=dev), lens)  # [rows]: the prompt each row belongs to
+    pos = torch.arange(feats.shape[0], device=dev) - starts[job]  # each row's position in its prompt
+    zero_bos = torch.tensor(ignore_bos, device=dev) & (lens > 0)
+    bos_row = zero_bos[job] & (pos == 0)
+    body = feats.masked_fill(bos_row[:, None], float("-inf"))
+    maxes = torch.full((n, d_sae), float("-inf"), dtype=feats.dtype, device=dev)
+    maxes.scatter_reduce_(0, job[:, None].expand(-1, d_sae), body, "amax")
+    # rank_features: max over the body, floored at 0 (the zeroed BOS) under ignore_bos; 0 for an empty body
+    maxes = torch.where(zero_bos[:, None], maxes.clamp_min(0), maxes)
+    maxes = torch.where((lens == 0)[:, None], 0.0, maxes)
+    k = max(0, min(max(num_results), d_sae))
+    order = stable_topk(maxes, k)  # [n, k]
+    rows = feats.gather(1, order[job]).masked_fill(bos_row[:, None], 0)  # [rows, k]: each row's prompt's picks
+    max_values = maxes.gather(1, order)  # [n, k]
+    hit = rows == max_values[job]
+    first = torch.where(hit, pos[:, None], feats.shape[0])
+    max_index = torch.full((n, k), feats.shape[0], dtype=torch.long, device=dev)
+    max_index.scatter_reduce_(0, job[:, None].expand(-1, k), first, "amin")
+    max_index = torch.where(max_index == feats.shape[0], 0, max_index)  # an empty prompt's argmax is 0
+    by_pos = rows.T.tolist()  # [k][rows]
+    out, at = [], 0
+    for i, (ln, kk) in enumerate(zip(lengths, num_results)):
+        kk = max(0, min(kk, d_sae))
+        ids, mv, mi = order[i, :kk].tolist(), max_values[i, :kk].tolist(), max_index[i, :kk].tolist()
+        out.append([FeatureActivation(index=f, values=by_pos[j][at:at + ln], max_value=float(m), max_value_index=int(x),
+                                      sum_values=0.0) for j, (f, m, x) in enumerate(zip(ids, mv, mi))])
+        at += ln
+    return out
+
+
 def stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of each row's ``k`` largest values, descending, index order among equal values: the first ``k`` of
     a stable descending sort, without sorting every row (a [73, 24576] stable sort took 30 ms on one thread).

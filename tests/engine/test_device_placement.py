@@ -210,3 +210,13 @@ def test_same_device():
     assert same_device(torch.device("cpu"), "cpu")
     assert not same_device(torch.device("cpu"), "meta")
     assert same_device("meta", torch.device("meta"))
+
+
+def test_rank_many_on_device():
+    lengths = [7, 1, 4]
+    feats = torch.cat([_feats(n, seed=i) for i, n in enumerate(lengths)])
+    args = (lengths, [5, 60, 3], [True, True, False])
+    want = F.rank_many(feats, *args)
+    with OffDevice():
+        got = F.rank_many(to_other(feats), *args)
+    assert got == want
