@@ -166,6 +166,9 @@ def capture_stats() -> dict | None:
         print(f"  (capture stats unavailable: {type(e).__name__}: {e})", flush=True)
         out = {}
     out["cpu"] = process_cpu()
+    # this process: the load generator's HTTP clients (and an idle Ray driver), which share the CPUs with the service
+    t = os.times()
+    out["cpu"]["client"] = t.user + t.system
     return out
 
 
@@ -196,18 +199,23 @@ def capture_delta(before: dict | None, after: dict | None, requests: int = 0) ->
 async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
                             n: int, concurrency: list[int], max_seconds: float, steer_n: int,
                             profile: tuple[str, int] | None, profile_dir: Path | None,
-                            on_cell=lambda cells: None) -> list[CellResult]:
+                            on_cell=lambda cells: None, client: str = "raw") -> list[CellResult]:
     import httpx
+
+    from .rawclient import RawPool
 
     out = []
     limits = httpx.Limits(max_connections=max(concurrency) + 4, max_keepalive_connections=max(concurrency) + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    errors = (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError)
+    client_kind = client
+    async with (httpx.AsyncClient(base_url=base, timeout=600, limits=limits) if client_kind == "httpx"
+                else RawPool(base)) as client:
         for w in workloads:
             async def send(i: int, w=w):
                 text, ntok = prompts[i % len(prompts)]
                 try:
                     r = await client.post(w.route, json=w.body(shape, text, i))
-                except httpx.HTTPError as e:
+                except errors as e:
                     return False, 0, f"{type(e).__name__}: {e}"
                 if r.status_code != 200:
                     return False, 0, f"{r.status_code}: {r.text[:300]}"
@@ -302,7 +310,7 @@ def _f(x, fmt):
 def markdown_table(result: dict) -> str:
     labels = {w.name: w.label for w in WORKLOADS.values()}
     lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms | prompts / forward pass "
-             "| handle calls / req | CPU ms / req: proxy · ingress · model · shard · ray |",
+             "| handle calls / req | CPU ms / req: proxy · ingress · model · shard · ray · client |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def per_batch(s: dict) -> str:
@@ -319,7 +327,7 @@ def markdown_table(result: dict) -> str:
             return "–"
         proxy = c.get("proxy", 0.0) + c.get("haproxy", 0.0)
         return " · ".join(f"{v:.1f}" for v in (proxy, c.get("ingress", 0.0), c.get("model", 0.0), c.get("shard", 0.0),
-                                                c.get("ray", 0.0)))
+                                                c.get("ray", 0.0))) + (f" · {c['client']:.1f}" if "client" in c else "")
 
     for name, b in result["baseline"].items():
         lines.append(f"| {labels.get(name, name)} — **baseline** (serial, in-process) | 1 | {b['requests']} | {b['p50_ms']:.1f} | "
@@ -376,6 +384,9 @@ def main(argv=None) -> dict:
                    help="torch threads in ModelDeployment and SAEShard (Ray gives fractional-CPU actors 1)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the whole Ray cluster this run starts (e.g. RAY_SERVE_ENABLE_HA_PROXY=1); repeatable")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="the load generator's HTTP client: raw (benchmarks.rawclient: kept-alive sockets, little CPU) "
+                        "or httpx (3-4 ms of CPU a request, taken from the service's cores)")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--profile", default=None, metavar="WORKLOAD:CONC", help="py-spy every replica during that cell")
@@ -408,7 +419,7 @@ def main(argv=None) -> dict:
               "machine": machine_info(a.device), "loadavg_start": loadavg(),
               "settings": {"requests": a.requests, "steer_requests": a.steer_requests, "concurrency": concurrency,
                            "dtype": dtype,
-                           "workloads": names, "max_seconds": a.max_seconds,
+                           "workloads": names, "max_seconds": a.max_seconds, "client": a.client,
                            "prompt_tokens": [min(n for _, n in prompts), max(n for _, n in prompts)]},
               "baseline": {}, "service": []}
 
@@ -443,7 +454,7 @@ def main(argv=None) -> dict:
 
             cells = asyncio.run(run_service_cells(base, shape, workloads, prompts, a.requests, concurrency,
                                                   a.max_seconds, a.steer_requests, profile, Path(a.profile_dir),
-                                                  on_cell=partial))
+                                                  on_cell=partial, client=a.client))
         finally:
             service.stop()
         result["service"] = [c.summary() for c in cells]
