@@ -46,6 +46,14 @@ class CellResult:
         return d
 
 
+def pooled(a: CellResult, b: CellResult) -> CellResult:
+    """Two measurements of the same cell as one: latencies, requests, units and seconds added up (the baseline
+    measured before and after the service, so that the machine's drift over a run weighs on both sides)."""
+    return CellResult(a.workload, a.target, a.concurrency, a.requests + b.requests, a.errors + b.errors,
+                      a.seconds + b.seconds, a.units + b.units, a.latencies_ms + b.latencies_ms,
+                      a.first_error or b.first_error)
+
+
 def run_serial(workload: str, call: Callable[[int], int], n: int, max_seconds: float, warmup: int = 1) -> CellResult:
     """The baseline: ``call(i)`` one at a time (returns the units it accounts for)."""
     for i in range(warmup):

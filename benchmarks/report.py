@@ -36,11 +36,13 @@ def render(results: list[dict]) -> str:
         "writes. Each run measures, on one machine: a serialized in-process **baseline** (TransformerLens + SAE Lens "
         "called directly, one request at a time: tokenize, `run_with_cache` up to the needed layer, `sae.encode`, "
         "per-feature max, top-k; steering = `model.generate` with the decoder row added at the SAE's hook, STEERED "
-        "then DEFAULT), then the **service** over HTTP on loopback at several client concurrencies (closed loop: "
+        "then DEFAULT; measured before and after the service and pooled, where the run says so), then the "
+        "**service** over HTTP on loopback at several client concurrencies (closed loop: "
         "each client sends its next request when the last one returns). tok/s counts prompt tokens read (activation "
         "routes) or new tokens written (steering: 2 × 32 per request). × columns are ratios to the baseline of the "
         "same run; \"p50 − baseline\" is the latency the service adds (negative: faster than the baseline). The "
-        "load generator shares the machine's CPUs with the service.",
+        "load generator shares the machine's CPUs with the service (`raw`: benchmarks/rawclient.py, ~0.5 ms of CPU a "
+        "request; `httpx`: 3-4 ms; the client column of the CPU figures).",
         "",
     ]
     if not results:
@@ -56,6 +58,11 @@ def render(results: list[dict]) -> str:
             f"torch {m.get('torch', '?')}; load average at start {r.get('loadavg_start')}, at end {r.get('loadavg_end')}; "
             f"prompts of {s.get('prompt_tokens', ['?', '?'])[0]}–{s.get('prompt_tokens', ['?', '?'])[1]} tokens; "
             f"{s.get('requests')} requests per cell ({s.get('steer_requests')} for steering)"
+            + ("; baseline before and after the service, pooled (before/after req/s: " + ", ".join(
+                f"{k} {v['rps']:.2f}/{r['baseline_runs']['after'][k]['rps']:.2f}"
+                for k, v in r["baseline_runs"]["before"].items() if k in r["baseline_runs"]["after"]) + ")"
+               if r.get("baseline_runs") else "")
+            + (f"; load generator: {s['client']}" if s.get("client") else "")
             + ("" if r.get("steer_served") else "; steering not served by this checkout") + ".",
             "",
         ]

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from .load import CellResult, run_concurrent, run_serial  # noqa: E402
+from .load import CellResult, pooled, run_concurrent, run_serial  # noqa: E402
 from .shapes import SHAPES, Shape, ensure_pack, resolve_layers  # noqa: E402
 from .workloads import WORKLOADS, Workload, make_prompts  # noqa: E402
 
@@ -388,6 +388,8 @@ def main(argv=None) -> dict:
                    help="the load generator's HTTP client: raw (benchmarks.rawclient: kept-alive sockets, little CPU) "
                         "or httpx (3-4 ms of CPU a request, taken from the service's cores)")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--baseline-once", action="store_true",
+                   help="measure the baseline only before the service (default: before and after, pooled)")
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--profile", default=None, metavar="WORKLOAD:CONC", help="py-spy every replica during that cell")
     p.add_argument("--profile-dir", default=str(REPO / ".bench" / "profiles"))
@@ -458,6 +460,14 @@ def main(argv=None) -> dict:
         finally:
             service.stop()
         result["service"] = [c.summary() for c in cells]
+    if not a.skip_baseline and not a.skip_service and not a.baseline_once:
+        # Again after the service, pooled with the first: this machine's speed drifts by tens of percent within
+        # minutes, and a baseline measured only before would give the whole drift to the ratios.
+        print("# baseline again, after the service", flush=True)
+        after = run_baseline(pack, shape, workloads, prompts, a.requests, a.max_seconds, a.device, a.steer_requests, dtype)
+        result["baseline_runs"] = {"before": result["baseline"], "after": {k: v.summary() for k, v in after.items()}}
+        result["baseline"] = {k: pooled(base_cells[k], after[k]).summary() if k in after else v.summary()
+                              for k, v in base_cells.items()}
     result["steer_served"] = steer_ok
     result["service"] = ratios(result["baseline"], result["service"]) if result["baseline"] else result["service"]
     result["targets"] = check_targets(result)

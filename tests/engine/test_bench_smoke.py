@@ -90,3 +90,70 @@ def test_targets_take_the_lower_bar_and_name_the_shape():
     assert next(c for t, c in miss.items() if "added p50" in t)["ok"]
     assert next(c for c in run.check_targets(result(76.0)) if c["target"].startswith("all-set req/s"))["ok"]
     assert run.check_targets({"shape": "tiny", "service": result(76.0)["service"]}) == []
+
+
+def test_raw_client_reads_both_framings_and_keeps_connections():
+    """benchmarks.rawclient against a real HTTP/1.1 server: Content-Length and chunked replies, the status code,
+    one connection reused for sequential requests, and a reply that closes its connection."""
+    import http.server
+    import threading
+
+    from benchmarks.rawclient import RawPool
+
+    peers = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            peers.append(self.client_address)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.loads(body)
+            out = json.dumps({"echo": data, "path": self.path}).encode()
+            if self.path == "/chunked":
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for part in (out[:5], out[5:]):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            self.send_response(418 if self.path == "/teapot" else 200)
+            self.send_header("Content-Length", str(len(out)))
+            if self.path == "/close":
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(out)
+            if self.path == "/close":
+                self.close_connection = True
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    async def go():
+        async with RawPool(f"http://127.0.0.1:{srv.server_address[1]}") as pool:
+            out = []
+            for path in ("/a", "/chunked", "/teapot", "/close", "/b"):
+                r = await pool.post(path, json={"x": [1, 2.5, "é"]})
+                out.append((r.status_code, json.loads(r.content)))
+            return out
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        srv.shutdown()
+    assert [s for s, _ in got] == [200, 200, 418, 200, 200]
+    assert all(b == {"echo": {"x": [1, 2.5, "é"]}, "path": p} for (_, b), p in zip(got, ("/a", "/chunked", "/teapot", "/close", "/b")))
+    assert len(set(peers[:4])) == 1 and peers[4] != peers[3]  # one connection until the server closed it
+
+
+def test_pooled_baseline_adds_both_measurements():
+    from benchmarks.load import CellResult, pooled
+
+    a = CellResult("w", "baseline", 1, requests=2, seconds=1.0, units=10, latencies_ms=[1.0, 3.0])
+    b = CellResult("w", "baseline", 1, requests=2, seconds=3.0, units=10, latencies_ms=[5.0, 7.0])
+    p = pooled(a, b)
+    assert (p.requests, p.seconds, p.units, p.rps, p.latencies_ms) == (4, 4.0, 20, 1.0, [1.0, 3.0, 5.0, 7.0])
