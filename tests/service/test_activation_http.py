@@ -167,9 +167,9 @@ def test_capture_stats_count_every_prompt_of_concurrent_requests(np_client):
     assert 1 <= after["batches"] - before["batches"] <= 8
     assert after["forward_s"] > before["forward_s"]
     assert after["compute"]["tasks"] - before["compute"]["tasks"] >= after["batches"] - before["batches"]
-    # residual-stream hooks: every pass through engine.decoder's forward (engine.capture), none through TL's hooks
-    assert after["lean_passes"] - before["lean_passes"] >= after["batches"] - before["batches"]
-    assert after["hooked_passes"] == before["hooked_passes"]
+    # residual-stream hooks: through engine.decoder's forward pass (engine.capture; tests/engine/test_lean_capture.py
+    # checks which hooks take which path), not through TransformerLens's hooks
+    assert after["lean_passes"] > before["lean_passes"]
 
 
 def test_a_lone_cheap_request_does_not_burst(np_client):
