@@ -48,18 +48,22 @@ def assert_close(got: np.ndarray, want: torch.Tensor, what: str):
     assert err <= 1e-5 * scale, f"{what}: {err:.3g} of scale {scale:.3g}"
 
 
-def test_every_hook_of_every_architecture_equals_run_with_cache(model):
-    dec = SlotDecoder(model, 1)
-    runner = ModelRunner(model, "cpu", lean=False)
-    runner.use_decoder(dec)
-    hooks = sorted(dec.widths)
+def capture_equals_reference(model, runner: ModelRunner, hooks: list[str]) -> None:
+    """The prompts captured as one padded batch equal each prompt alone through run_with_cache, at every hook."""
     seqs = prompts(model.cfg.d_vocab)
     got = runner.capture([CaptureRequest(s, hooks) for s in seqs])
-    assert runner.stats == {"lean_passes": 1, "hooked_passes": 0}
     for s, g in zip(seqs, got):
         ref = reference(model, s, hooks)
         for h in hooks:
             assert_close(g[h], ref[h], f"{h} (length {len(s)})")
+
+
+def test_every_hook_of_every_architecture_equals_run_with_cache(model):
+    dec = SlotDecoder(model, 1)
+    runner = ModelRunner(model, "cpu", lean=False)
+    runner.use_decoder(dec)
+    capture_equals_reference(model, runner, sorted(dec.widths))
+    assert runner.stats == {"lean_passes": 1, "hooked_passes": 0}
 
 
 def test_a_stopping_layer_runs_only_the_blocks_before_it(model):
@@ -89,14 +93,8 @@ def test_hooks_it_does_not_offer_go_through_transformer_lens(model):
     """An attention pattern (and anything else outside ``widths``) is captured by run_with_cache, equal to it."""
     runner = ModelRunner(model, "cpu")
     assert runner.decoder is not None
-    hooks = ["blocks.1.attn.hook_pattern", "blocks.1.hook_resid_post"]
-    seqs = prompts(model.cfg.d_vocab)
-    got = runner.capture([CaptureRequest(s, hooks) for s in seqs])
+    capture_equals_reference(model, runner, ["blocks.1.attn.hook_pattern", "blocks.1.hook_resid_post"])
     assert runner.stats == {"lean_passes": 0, "hooked_passes": 1}
-    for s, g in zip(seqs, got):
-        ref = reference(model, s, hooks)
-        for h in hooks:
-            assert_close(g[h], ref[h], h)
 
 
 def test_capture_leaves_the_kv_cache_alone():
