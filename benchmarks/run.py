@@ -207,14 +207,13 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
     out = []
     limits = httpx.Limits(max_connections=max(concurrency) + 4, max_keepalive_connections=max(concurrency) + 4)
     errors = (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError)
-    client_kind = client
-    async with (httpx.AsyncClient(base_url=base, timeout=600, limits=limits) if client_kind == "httpx"
-                else RawPool(base)) as client:
+    async with (httpx.AsyncClient(base_url=base, timeout=600, limits=limits) if client == "httpx"
+                else RawPool(base)) as session:
         for w in workloads:
             async def send(i: int, w=w):
                 text, ntok = prompts[i % len(prompts)]
                 try:
-                    r = await client.post(w.route, json=w.body(shape, text, i))
+                    r = await session.post(w.route, json=w.body(shape, text, i))
                 except errors as e:
                     return False, 0, f"{type(e).__name__}: {e}"
                 if r.status_code != 200:

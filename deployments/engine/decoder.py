@@ -337,7 +337,7 @@ class SlotDecoder:
         want = set(hooks)
         out: dict[str, torch.Tensor] = {}
 
-        def hook(name: str, h: torch.Tensor, where=None, n_pos: int = T) -> torch.Tensor:
+        def hook(name: str, h: torch.Tensor) -> torch.Tensor:
             if name in want:
                 out[name] = h  # no op after this one writes in place into a hook's value
             return h
@@ -478,18 +478,17 @@ class SlotDecoder:
             K = k.view(B, T, Hkv, dh).transpose(1, 2).reshape(B * Hkv, T, dh)
             V = v.view(B, T, Hkv, dh).transpose(1, 2).reshape(B * Hkv, T, dh)
             qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
-        elif T == 1:
+        else:
             # in place: this step's keys and values at each row's own positions (rows never share a slot position)
             _, _, key_rows, value_rows = self._layer_kv[li]
-            key_rows.index_copy_(0, where_kv, k.reshape(-1, dh))
-            value_rows.index_copy_(0, where_kv, v.reshape(-1, dh))
-            qh = q.reshape(B * Hkv, G, dh)
-            K, V = self._reads(li, rows, L, B)
-        else:
-            _, _, key_rows, value_rows = self._layer_kv[li]
-            key_rows.index_copy_(0, where_kv, k.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
-            value_rows.index_copy_(0, where_kv, v.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
-            qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
+            if T == 1:
+                key_rows.index_copy_(0, where_kv, k.reshape(-1, dh))
+                value_rows.index_copy_(0, where_kv, v.reshape(-1, dh))
+                qh = q.reshape(B * Hkv, G, dh)
+            else:
+                key_rows.index_copy_(0, where_kv, k.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
+                value_rows.index_copy_(0, where_kv, v.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
+                qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
             K, V = self._reads(li, rows, L, B)
         if b.softcap is None:  # scale, mask and q.k in one op (the mask adds 0 or -inf)
             scores = torch.baddbmm(mask, qh, K.transpose(1, 2), alpha=1.0 / b.scale)
