@@ -21,6 +21,8 @@ model, so capture can use the same model between decode steps. Architectures thi
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,6 +31,27 @@ from .errors import RequestError
 
 ROW_MULTIPLE = 4  # every matmul's row count is a multiple of this (engine.generate explains why)
 SPAN_MULTIPLE = 64  # attention reads a prefix of each slot whose length is a multiple of this
+
+
+@dataclass
+class StreamPhase:
+    """Blocks ``start..end-1`` of a shared prefill, run on streams: ``lead [S]`` the batch index of the row each
+    stream stands for, ``kv_rows [B]`` each row's stream (its slot gets that stream's keys and values), ``next
+    [S']`` each stream of the next phase's source stream here (the residual's hand-over)."""
+
+    start: int
+    end: int
+    lead: torch.Tensor
+    kv_rows: torch.Tensor
+    next: torch.Tensor
+
+
+@dataclass
+class SharedPrefix:
+    """Prefill rows that share a prompt are computed once, as one stream, until the first block any of them steers
+    (each group until its own): the phases before every row is its own (:meth:`SlotDecoder.shared_prefix`)."""
+
+    phases: list
 
 
 class UnsupportedModel(RequestError):
@@ -204,6 +227,45 @@ class SlotDecoder:
             out["ln_final.hook_normalized"] = dm
         return out
 
+    def block_of(self, hook: str) -> int:
+        """The first block whose output a steering vector at ``hook`` changes: N for ``blocks.N.*``, 0 for the
+        embeddings, the number of blocks for the final norm."""
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        if m:
+            return int(m.group(1))
+        return len(self.blocks) if hook.startswith("ln_final") else 0
+
+    def shared_prefix(self, prompts: list, steered_hooks: list) -> Optional[SharedPrefix]:
+        """How a prefill of rows ``prompts`` (token lists; ``steered_hooks`` each row's steering hooks) shares
+        work: rows of one prompt form a group, which runs as one stream until the first block any of its rows
+        steers. None when nothing is shared."""
+        first: dict[tuple, int] = {}
+        group = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]  # each row's group: its first row
+        n = len(self.blocks)
+        until = {g: n for g in set(group)}
+        for g, hooks in zip(group, steered_hooks):
+            until[g] = min([until[g], *(self.block_of(h) for h in hooks)])
+        size = {g: group.count(g) for g in until}
+        splits = sorted({until[g] for g in until if size[g] > 1 and until[g] > 0})
+        if not splits:
+            return None
+        dev = self.device
+
+        def leads_at(block: int) -> list[int]:  # the row each row is computed as, from ``block`` on
+            return [g if size[g] > 1 and until[g] > block else i for i, g in enumerate(group)]
+
+        phases, start = [], 0
+        for end in splits:
+            lead = leads_at(start)
+            streams = sorted(set(lead))
+            at = {r: k for k, r in enumerate(streams)}
+            after = sorted(set(leads_at(end))) if end < splits[-1] else list(range(len(prompts)))
+            nxt = [at[lead[r]] for r in after]
+            t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+            phases.append(StreamPhase(start, end, t(streams), t([at[x] for x in lead]), t(nxt)))
+            start = end
+        return SharedPrefix(phases)
+
     def check_steerable(self, hook: str, width: int, what: str) -> None:
         if hook not in self.widths:
             raise RequestError(f"Steering at {hook} is not supported: steer a per-position activation such as "
@@ -260,7 +322,8 @@ class SlotDecoder:
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows, write_rows: torch.Tensor, steering=None,
                 steer_pos: Optional[torch.Tensor] = None, bad: Optional[torch.Tensor] = None,
-                last: Optional[torch.Tensor] = None, span: Optional[int] = None) -> torch.Tensor:
+                last: Optional[torch.Tensor] = None, span: Optional[int] = None,
+                share: Optional["SharedPrefix"] = None) -> torch.Tensor:
         """Run ``tokens [B, T]`` at ``positions [B, T]`` for the slots ``rows`` (slice or index, B of them; their
         index tensor ``write_rows``), writing their keys and values; float32 logits ``[B, vocab]`` at each row's
         position ``last [B]`` (default the last). ``bad [B]`` collects non-finite steering (see SlotSteering).
@@ -269,6 +332,11 @@ class SlotDecoder:
         ``positions``). A row's positions past its own are masked to weight exactly 0, so a longer span only adds
         exact zeros at the end of its softmax and ``pattern @ v`` sums, in whole multiples of SPAN_MULTIPLE: the
         same result (the engine's startup check covers it).
+
+        ``share`` (prefill, :meth:`shared_prefix`): rows with the same prompt are computed once, as one *stream*,
+        through the blocks before the first one any of them steers, and written to every one of their slots. A
+        row's arithmetic is the same either way (rows are independent, engine.generate), so sharing only saves the
+        duplicates' work.
 
         The residual stream stays ``[B * T, d_model]`` throughout (per-position ops do not care), and is seen as
         ``[B, T, ...]`` only by attention and by a hook that steers."""
@@ -284,10 +352,6 @@ class SlotDecoder:
             return h
 
         pos_c = positions.clamp(max=self.n_ctx - 1)  # pad positions past the context only carry garbage
-        flat_tokens, flat_pos = tokens.reshape(-1), pos_c.reshape(-1)
-        resid = hook("hook_embed", self.W_E[flat_tokens])
-        if self.W_pos is not None:
-            resid = resid + hook("hook_pos_embed", self.W_pos[flat_pos])
         # Where this step's keys and values go: [slot, kv_head, position] flattened, for every kv head of each
         # (row, position) pair -- one index shared by every layer's in-place write.
         Hkv, L = self.Hkv, self.L
@@ -296,9 +360,36 @@ class SlotDecoder:
             where_kv = ((write_rows[:, None] * Hkv + heads[None, :]) * L + positions).reshape(-1)
         else:  # in (row, head, position) order
             where_kv = ((write_rows[:, None, None] * Hkv + heads[None, :, None]) * L + positions[:, None, :]).reshape(-1)
+        split = 0
+        if share is not None and share.phases:  # streams first: a stream's lead row stands for it
+            s_bad = torch.zeros(share.phases[0].lead.shape[0], dtype=bad.dtype, device=self.device)
+            for k, ph in enumerate(share.phases):
+                Bs, lead = ph.lead.shape[0], ph.lead
+                s_rows, s_pos = rows[lead], None if steer_pos is None else steer_pos[lead]
+
+                def s_hook(name: str, h: torch.Tensor, Bs=Bs, s_rows=s_rows, s_pos=s_pos, s_bad=s_bad) -> torch.Tensor:
+                    if name in hooks:  # a row steered here is a stream of its own
+                        return steering.apply(name, h.view(Bs, T, -1), s_rows, s_pos, s_bad).view(h.shape)
+                    return h
+
+                ctx = (Bs, T, pos_c[lead], s_rows, where_kv, ph.kv_rows, s_hook)
+                if k == 0:
+                    resid = self._embed(tokens[lead], pos_c[lead], s_hook)
+                masks = {}
+                for li in range(ph.start, ph.end):
+                    b = self.blocks[li]
+                    if b.local not in masks:
+                        masks[b.local] = self._mask(b, positions[lead], span)
+                    resid = self._block(li, b, resid, masks[b.local], ctx)
+                resid = resid.view(Bs, T, -1)[ph.next].view(ph.next.shape[0] * T, -1)
+                s_bad = s_bad[ph.next]
+                split = ph.end
+            bad.copy_(torch.where(bad == 0, s_bad, bad))  # the last phase hands over to every row
+        else:
+            resid = self._embed(tokens, pos_c, hook)
         masks = {}
-        ctx = (B, T, pos_c, rows, where_kv, hook)
-        for li, b in enumerate(self.blocks):
+        ctx = (B, T, pos_c, rows, where_kv, None, hook)
+        for li, b in enumerate(self.blocks[split:], start=split):
             if b.local not in masks:
                 masks[b.local] = self._mask(b, positions, span)
             resid = self._block(li, b, resid, masks[b.local], ctx)
@@ -344,10 +435,8 @@ class SlotDecoder:
 
         positions = torch.arange(T, device=self.device).expand(B, T)
         pos_c = positions.clamp(max=self.n_ctx - 1)
-        resid = hook("hook_embed", self.W_E[tokens.reshape(-1)])
-        if self.W_pos is not None:
-            resid = resid + hook("hook_pos_embed", self.W_pos[pos_c.reshape(-1)])
-        ctx = (B, T, pos_c, None, None, hook)
+        resid = self._embed(tokens, pos_c, hook)
+        ctx = (B, T, pos_c, None, None, None, hook)
         n = len(self.blocks) if stop_layer is None else min(stop_layer, len(self.blocks))
         masks = {}
         for li, b in enumerate(self.blocks[:n]):
@@ -360,6 +449,12 @@ class SlotDecoder:
         if missing:
             raise RequestError(f"Cannot capture {sorted(missing)} with this forward pass", 500)
         return {h: out[h].view(B, T, -1) for h in hooks}
+
+    def _embed(self, tokens: torch.Tensor, pos_c: torch.Tensor, hook) -> torch.Tensor:
+        resid = hook("hook_embed", self.W_E[tokens.reshape(-1)])
+        if self.W_pos is not None:
+            resid = resid + hook("hook_pos_embed", self.W_pos[pos_c.reshape(-1)])
+        return resid
 
     def _norm(self, n: _Norm, x: torch.Tensor, hook) -> torch.Tensor:
         """TransformerLens's norms: normalise in float32 (hook_normalized), back to the model dtype, then the affine
@@ -456,7 +551,7 @@ class SlotDecoder:
 
     def _attention(self, li, b: _Block, x, mask, ctx):
         p = b.p + "attn."
-        B, T, pos_c, rows, where_kv, hook = ctx
+        B, T, pos_c, rows, where_kv, expand, hook = ctx
         H, dh, Hkv, G = self.cfg.n_heads, self.d_head, b.Hkv, b.G
         N = B * T
         if b.stacked:
@@ -486,8 +581,11 @@ class SlotDecoder:
                 value_rows.index_copy_(0, where_kv, v.reshape(-1, dh))
                 qh = q.reshape(B * Hkv, G, dh)
             else:
-                key_rows.index_copy_(0, where_kv, k.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
-                value_rows.index_copy_(0, where_kv, v.view(B, T, Hkv, dh).transpose(1, 2).reshape(-1, dh))
+                kw, vw = k.view(B, T, Hkv, dh).transpose(1, 2), v.view(B, T, Hkv, dh).transpose(1, 2)
+                if expand is not None:  # streams: into the slot of every row of each
+                    kw, vw = kw[expand], vw[expand]
+                key_rows.index_copy_(0, where_kv, kw.reshape(-1, dh))
+                value_rows.index_copy_(0, where_kv, vw.reshape(-1, dh))
                 qh = q.view(B, T, Hkv, G, dh).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, dh)
             K, V = self._reads(li, rows, L, B)
         if b.softcap is None:  # scale, mask and q.k in one op (the mask adds 0 or -inf)

@@ -47,7 +47,7 @@ import torch
 from ..protocol import MAX_LOGPROBS, METHODS, GenerationRequest, StepEvent, torch_seed  # noqa: F401 (re-exported)
 from ..steer_vectors import FLOAT32_MAX, check_steer_numbers
 from . import sampling
-from .decoder import ROW_MULTIPLE, SlotDecoder, UnsupportedModel, round_up
+from .decoder import ROW_MULTIPLE, SharedPrefix, SlotDecoder, UnsupportedModel, round_up
 from .errors import Overloaded, RequestError
 from .steering import SlotSteering
 
@@ -121,7 +121,7 @@ class GenerationEngine:
         self.stats = {"steps": 0, "decode_steps": 0, "rows_joined": 0, "rows_joined_mid_flight": 0, "rows_finished": 0,
                       "cancelled_rows": 0, "failed_rows": 0, "tokens": 0, "active_rows": 0, "max_active_rows": 0,
                       "pending_rows": 0, "computed_rows": 0, "occupied_rows": 0, "step_s": 0.0, "last_step_ms": 0.0,
-                      "prefill_batches": 0, "isolated_reruns": 0}
+                      "prefill_batches": 0, "prefill_rows_shared": 0, "isolated_reruns": 0}
         self._grow(min(self.capacity, 2 * ROW_MULTIPLE))
         if fixed_shapes is None:
             independent = self.rows_are_independent()
@@ -435,7 +435,9 @@ class GenerationEngine:
     def _prefill(self, rows: list[_Row], res: StepResult) -> None:
         chunks: list[list[_Row]] = []  # at most prefill_tokens padded positions each (one row each with fixed shapes)
         widest = 0
-        for row in rows:
+        # shortest first: a chunk pads its prompts to its longest, so similar lengths together waste the least (a
+        # row's arithmetic does not depend on its chunk); a submission's rows of one prompt stay side by side
+        for row in sorted(rows, key=lambda r: len(r.req.tokens)):
             n4 = round_up(len(row.req.tokens), ROW_MULTIPLE)
             c = chunks[-1] if chunks else None
             if c is None or self.fixed or (len(c) + 1) * max(widest, n4) > self.prefill_tokens:
@@ -486,7 +488,7 @@ class GenerationEngine:
         bad = torch.zeros(len(rows), dtype=torch.long, device=dev)
         span = self.decoder.L if self.fixed else self.decoder.span_for(nq)
         logits = self.decoder.forward(toks.to(dev), positions, slots, slots, self.steering,
-                                      None if where is None else where.to(dev), bad, last, span)
+                                      None if where is None else where.to(dev), bad, last, span, self._shared(rows))
         out = self._choose(logits, slots, slots, [r.slot for r in rows], bad)
         self.pos[slots] = torch.tensor(lengths, dtype=torch.long, device=dev)
         for r in rows:
@@ -494,6 +496,14 @@ class GenerationEngine:
             self.high_water[r.slot] = max(self.high_water[r.slot], nq)
         self.active[slots] = True
         return out
+
+    def _shared(self, rows: list[_Row]) -> Optional[SharedPrefix]:
+        """Rows of one prompt (a request's STEERED and DEFAULT, or the same prompt sent twice) are prefilled as one
+        stream up to the first block any of them steers: their activations are equal until then."""
+        share = self.decoder.shared_prefix([r.req.tokens for r in rows], [[sv.hook for sv in r.req.steering] for r in rows])
+        if share is not None:
+            self.stats["prefill_rows_shared"] += len(rows) - share.phases[0].lead.shape[0]
+        return share
 
     def _decode(self, running: list[_Row], res: StepResult) -> None:
         hi = max(r.slot for r in running) + 1

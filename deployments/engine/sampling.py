@@ -5,7 +5,7 @@ generator), so a seeded row draws the same numbers alone or among any other rows
 objects and no Python per row. A row samples by inverse CDF with one uniform draw per step:
 
     z = (logits - max) / temperature - freq_penalty * counts      (float32, one exact op at a time)
-    token = #{j : cdf_j < u * cdf_last},  cdf = cumsum(softmax(z))  (the cumsum in float64)
+    token = #{j : cdf_j < u * cdf_last},  cdf = cumsum(softmax(z))  (float64, in blocks: inverse_cdf)
 
 Every op here is row-local (elementwise, or a reduction along the vocabulary of one row), so a row's token does not
 depend on its neighbours; the count picks the first token whose cdf reaches ``u * cdf_last``, never one of
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 MASK32 = 0xFFFF_FFFF
+BLOCK = 256  # inverse_cdf's block of the vocabulary
 #: Temperatures below this are greedy: float32 logits closer than 1e-30 apart do not exist at useful scales, so the
 #: distribution is one-hot on the largest logit (and 1/T would overflow float32).
 MIN_TEMPERATURE = 1e-30
@@ -63,9 +64,35 @@ def choose(logits: torch.Tensor, greedy: torch.Tensor, inv_temp: torch.Tensor, u
     z = (logits - logits.max(-1, keepdim=True).values) * inv_temp[:, None]
     if freq_penalty is not None:
         z = z - freq_penalty[:, None] * counts
-    cdf = torch.softmax(z, dim=-1).cumsum(-1, dtype=torch.float64)
-    drawn = (cdf < (u * cdf[:, -1])[:, None]).sum(-1).clamp_(max=logits.shape[-1] - 1)
-    return torch.where(greedy, best, drawn)
+    return torch.where(greedy, best, inverse_cdf(torch.softmax(z, dim=-1), u))
+
+
+def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each row's first index whose cumulative probability reaches ``u`` of the row's total, never one of probability
+    0; ``p [rows, vocab]`` float32 (non-negative, each row with a positive total), ``u [rows]`` float64 in (0, 1).
+
+    In two levels rather than one float64 cumsum over the vocabulary (sequential, and a float64 copy of ``p``:
+    36 ms of a 64-row decode step at GPT-2's 50,257 tokens on a CPU core): float64 sums of blocks of BLOCK entries,
+    their cumsum, the block where the threshold falls, then a cumsum within that block only. Row-local throughout."""
+    R, V = p.shape
+    nb = -(-V // BLOCK)
+    if nb * BLOCK != V:
+        p = torch.nn.functional.pad(p, (0, nb * BLOCK - V))  # zeros: never chosen
+    blocks = p.view(R, nb, BLOCK)
+    bcdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [R, nb]
+    thr = u * bcdf[:, -1]
+    # the first block whose cdf reaches thr: it holds a token of positive probability (bcdf[b] > bcdf[b-1])
+    b = (bcdf < thr[:, None]).sum(-1).clamp_(max=nb - 1)
+    before = torch.where(b > 0, bcdf.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(thr))
+    block = blocks[torch.arange(R, device=p.device), b]  # [R, BLOCK]
+    within = block.cumsum(-1, dtype=torch.float64)
+    live = block > 0
+    # the first live entry that reaches the rest of the threshold; float64 rounding between the block's sum and its
+    # cumsum can leave none (then the block's last live entry)
+    hit = (within >= (thr - before)[:, None]) & live
+    last_live = (live * torch.arange(1, BLOCK + 1, device=p.device)).argmax(-1)
+    j = torch.where(hit.any(-1), hit.int().argmax(-1), last_live)
+    return (b * BLOCK + j).clamp_(max=V - 1)  # (only a non-finite row, which fails, could point past V)
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

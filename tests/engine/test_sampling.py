@@ -66,3 +66,29 @@ def test_logprobs_are_a_log_softmax_of_the_raw_logits():
     assert torch.allclose(chosen.double(), ref[torch.arange(3), tokens], atol=1e-5)
     top = torch.topk(ref, 5)
     assert torch.equal(idx, top.indices) and torch.allclose(vals.double(), top.values, atol=1e-5)
+
+
+def _one_level(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The definition inverse_cdf computes in blocks: one float64 cumsum over the whole vocabulary."""
+    cdf = p.cumsum(-1, dtype=torch.float64)
+    return (cdf < (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=p.shape[-1] - 1)
+
+
+def test_inverse_cdf_in_blocks_picks_what_one_cumsum_picks():
+    g = torch.Generator().manual_seed(1)
+    for vocab in (7, S.BLOCK, S.BLOCK + 1, 3 * S.BLOCK + 81):
+        logits = torch.randn(512, vocab, generator=g) * 3
+        logits[::3, ::5] = float("-inf")  # zero-probability tokens, some at block edges
+        p = torch.softmax(logits, -1)
+        u = S.uniform(torch.full((512,), S.seed_key(vocab)), torch.arange(512))
+        got = S.inverse_cdf(p, u)
+        assert torch.equal(got, _one_level(p, u))
+        assert bool((p.gather(1, got[:, None]) > 0).all())
+    # thresholds at the very ends: the first and the last token of positive probability
+    p = torch.zeros(2, 3 * S.BLOCK)
+    p[:, 5], p[:, 2 * S.BLOCK + 7] = 0.25, 0.75
+    u = torch.tensor([1e-12, 1 - 2.0**-32], dtype=torch.float64)
+    assert S.inverse_cdf(p, u).tolist() == [5, 2 * S.BLOCK + 7]
+    # a row that is not finite (it fails elsewhere) still yields a token inside the vocabulary
+    nan = torch.full((1, S.BLOCK + 3), float("nan"))
+    assert 0 <= S.inverse_cdf(nan, torch.tensor([0.5], dtype=torch.float64)).item() < S.BLOCK + 3
