@@ -19,7 +19,12 @@ OpenMP thread stalls its whole parallel region).
 
 Generation never bursts: a forward pass on two threads differs from one on one thread in the last bits, and a
 steered row's tokens must not depend on the load (engine.generate's batch invariance). Activations may differ
-by that much (~1e-6), as they already do between batch shapes.
+by that much (~1e-6), as they already do between batch shapes. Generation *widens* instead: a wide task (a
+decode or prefill step) that finds no other replica computing and none waiting to (``CPULock.idle_exclusive``)
+gets ``lanes`` > 1, and splits its rows between this thread and helper threads, each running torch on the same
+narrow thread count. A row's arithmetic does not depend on which rows share its matmuls (engine.generate), so the
+tokens are the same on one lane or several; only the wall time changes. Other replicas' work that arrives
+meanwhile waits at most one step, and registers as waiting, so the next step runs narrow.
 """
 
 from __future__ import annotations
@@ -90,8 +95,11 @@ class CPULock:
         self.path = path
         # Read-only is enough for flock, and works on a file another user created.
         self._fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        # Beside it, held shared by whoever waits for a burst to end: a wide task backs off while anyone does.
+        self._wait_fd = os.open(path + ".wait", os.O_RDONLY | os.O_CREAT, 0o644)
         # Closed when the last holder lets go, not by shutdown: a task may still be running with the lock.
         weakref.finalize(self, os.close, self._fd)
+        weakref.finalize(self, os.close, self._wait_fd)
 
     def try_exclusive(self) -> bool:
         try:
@@ -100,21 +108,40 @@ class CPULock:
         except BlockingIOError:
             return False
 
+    def idle_exclusive(self) -> bool:
+        """``try_exclusive`` only when nobody is waiting for the lock either (a wide task runs step after step, and
+        would otherwise keep a waiting replica out until it gives up waiting)."""
+        try:
+            fcntl.flock(self._wait_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
+        return self.try_exclusive()
+
     def shared(self) -> bool:
         """Take the lock shared, waiting out a burst (at most ``max_wait_s``); False when it gave up waiting."""
-        deadline, pause = time.monotonic() + self.max_wait_s, 0.0002
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("a burst elsewhere on this machine has held %s for over %g s: computing anyway",
-                                self.path, self.max_wait_s)
-                    return False
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, 0.005)  # a burst lasts one task: poll finely at first
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        fcntl.flock(self._wait_fd, fcntl.LOCK_SH)  # waiting: a wide task's next step stays narrow
+        try:
+            deadline, pause = time.monotonic() + self.max_wait_s, 0.0002
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("a burst elsewhere on this machine has held %s for over %g s: computing anyway",
+                                    self.path, self.max_wait_s)
+                        return False
+                    time.sleep(min(pause, left))
+                    pause = min(pause * 2, 0.005)  # a burst lasts one task: poll finely at first
+        finally:
+            fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -140,11 +167,16 @@ class ComputeThread:
         self._narrow = 1
         self._queued = 0  # tasks submitted and not yet started
         self._count_lock = threading.Lock()
-        self.stats = {"tasks": 0, "burst_tasks": 0}
+        self.stats = {"tasks": 0, "burst_tasks": 0, "wide_tasks": 0}
         self.min_burst_work_s = min_burst_work_s
         self._work: dict[str, float] = {}  # per kind of light task: a moving average of its CPU-seconds
+        self.lanes = 1  # the running task's lanes (more than one only inside a wide task that got them)
+        self._helpers: ThreadPoolExecutor | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._init)
         self._executor.submit(self._setup_bursts, lock_path).result()
+        if self.max_lanes > 1:
+            self._helpers = ThreadPoolExecutor(max_workers=self.max_lanes - 1, thread_name_prefix=name + "-lane",
+                                               initializer=self._init_lane)
 
     def _init(self) -> None:
         import torch
@@ -152,6 +184,11 @@ class ComputeThread:
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
         self._narrow = torch.get_num_threads()
+
+    def _init_lane(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._narrow)  # a lane's team is as narrow as the compute thread's
 
     def _setup_bursts(self, lock_path: str) -> None:
         if self.burst_threads is None or self.burst_threads <= self._narrow:
@@ -164,6 +201,22 @@ class ComputeThread:
                 self.burst_threads = None
         log.info("compute thread: %d torch threads%s", self._narrow,
                  f", {self.burst_threads} for a lone request while no other replica computes" if self.burst_threads else "")
+
+    @property
+    def max_lanes(self) -> int:
+        """Lanes a wide task gets when the machine is idle: the burst threads in narrow teams."""
+        return max(1, (self.burst_threads or 0) // self._narrow)
+
+    def parallel(self, fns: list[Callable[[], T]]) -> list[T]:
+        """Inside a task: ``fns`` at once, the first on this thread and the rest on helper threads (at most
+        ``lanes`` of them in all); their results in order."""
+        if len(fns) == 1:
+            return [fns[0]()]
+        if len(fns) > self.lanes or self._helpers is None:
+            raise RuntimeError(f"{len(fns)} functions for {self.lanes} lanes")
+        futs = [self._helpers.submit(f) for f in fns[1:]]
+        first = fns[0]()
+        return [first, *(f.result() for f in futs)]
 
     def _worth_a_burst(self, kind: str) -> bool:
         """Whether this kind of task did enough work last time for more threads to pay: a burst costs a thread-count
@@ -181,7 +234,7 @@ class ComputeThread:
         old = self._work.get(kind)
         self._work[kind] = work if old is None else 0.7 * old + 0.3 * work
 
-    def _task(self, fn: Callable[[], T], light: bool | str) -> T:
+    def _task(self, fn: Callable[[], T], light: bool | str, wide: bool = False) -> T:
         with self._count_lock:
             self._queued -= 1
             alone = self._queued == 0  # nothing else waits on this replica
@@ -189,6 +242,14 @@ class ComputeThread:
         lock = self.lock
         if lock is None:
             return fn()
+        if wide and self.max_lanes > 1 and lock.idle_exclusive():
+            self.stats["wide_tasks"] += 1
+            self.lanes = self.max_lanes
+            try:
+                return fn()
+            finally:
+                self.lanes = 1
+                lock.release()
         kind = light if isinstance(light, str) else "light"
         t0 = time.thread_time()
         if light and alone and self._worth_a_burst(kind) and lock.try_exclusive():
@@ -216,11 +277,11 @@ class ComputeThread:
         with self._count_lock:
             self._queued -= 1
 
-    def _submit(self, fn: Callable[[], T], light: bool | str):
+    def _submit(self, fn: Callable[[], T], light: bool | str, wide: bool = False):
         with self._count_lock:
             self._queued += 1
         try:
-            fut = self._executor.submit(self._task, fn, light)
+            fut = self._executor.submit(self._task, fn, light, wide)
         except BaseException:
             self._unqueue()
             raise
@@ -228,10 +289,13 @@ class ComputeThread:
         fut.add_done_callback(lambda f: self._unqueue() if f.cancelled() else None)
         return fut
 
-    async def run(self, fn: Callable[..., T], *args: Any, light: bool | str = False, **kwargs: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, light: bool | str = False, wide: bool = False,
+                  **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on the compute thread. ``light``: one request's work, which may burst (a string
-        names its kind: whether a burst pays is judged per kind, from the work such tasks did before)."""
-        return await asyncio.wrap_future(self._submit(functools.partial(fn, *args, **kwargs), light))
+        names its kind: whether a burst pays is judged per kind, from the work such tasks did before). ``wide``:
+        work that can split itself with :meth:`parallel` over ``lanes`` (given when the machine is otherwise idle
+        and nothing else waits on this thread)."""
+        return await asyncio.wrap_future(self._submit(functools.partial(fn, *args, **kwargs), light, wide))
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the compute thread and wait for it (not from the event loop: it would block it)."""
@@ -239,3 +303,5 @@ class ComputeThread:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False, cancel_futures=True)

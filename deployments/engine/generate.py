@@ -33,6 +33,7 @@ events through its own queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -95,8 +96,15 @@ class GenerationEngine:
     """Rows in slots, stepped together; see the module docstring. Not thread-safe: call it from one thread."""
 
     def __init__(self, model, capacity: int = DEFAULT_CAPACITY, max_len: Optional[int] = None,
-                 fixed_shapes: Optional[bool] = None, prefill_tokens: int = 2048):
+                 fixed_shapes: Optional[bool] = None, prefill_tokens: int = 2048, compute=None,
+                 min_lane_work_s: float = 0.02):
         self.model = model
+        # ``compute``: the ComputeThread whose wide tasks step this engine; a step given several lanes splits its
+        # rows between them once decode steps do at least ``min_lane_work_s`` of work (a tiny model's millisecond
+        # step runs slower split: the hand-over costs more than it saves)
+        self.compute = compute
+        self.min_lane_work_s = min_lane_work_s
+        self._work_s = 0.0
         self.decoder = SlotDecoder(model, max_len or model.cfg.n_ctx)
         self.device = self.decoder.device
         self.capacity = round_up(max(capacity, 1), ROW_MULTIPLE)
@@ -121,7 +129,8 @@ class GenerationEngine:
         self.stats = {"steps": 0, "decode_steps": 0, "rows_joined": 0, "rows_joined_mid_flight": 0, "rows_finished": 0,
                       "cancelled_rows": 0, "failed_rows": 0, "tokens": 0, "active_rows": 0, "max_active_rows": 0,
                       "pending_rows": 0, "computed_rows": 0, "occupied_rows": 0, "step_s": 0.0, "last_step_ms": 0.0,
-                      "prefill_batches": 0, "prefill_rows_shared": 0, "isolated_reruns": 0}
+                      "prefill_batches": 0, "prefill_rows_shared": 0, "isolated_reruns": 0,
+                      "wide_steps": 0}
         self._grow(min(self.capacity, 2 * ROW_MULTIPLE))
         if fixed_shapes is None:
             independent = self.rows_are_independent()
@@ -472,6 +481,24 @@ class GenerationEngine:
     def _prefill_chunk(self, rows: list[_Row]) -> dict:
         self.stats["prefill_batches"] += 1
         dev = self.device
+        parts = [(rows[a:b], self._shared(rows[a:b])) for a, b in self._split(len(rows), 1)]
+        outs = self._lanes([lambda p=p, sh=sh: self._prefill_forward(p, sh) for p, sh in parts])
+        logits = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+        bad = torch.cat([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=dev)
+        out = self._choose(logits, slots, slots, [r.slot for r in rows], bad)
+        self.pos[slots] = torch.tensor([len(r.req.tokens) for r in rows], dtype=torch.long, device=dev)
+        for (part, _), (_, _, nq) in zip(parts, outs):
+            for r in part:
+                r.kv_end = nq
+                self.high_water[r.slot] = max(self.high_water[r.slot], nq)
+        self.active[slots] = True
+        return out
+
+    def _prefill_forward(self, rows: list[_Row], share: Optional[SharedPrefix]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One lane's part of a prefill: the rows' logits at their last prompt position, their ``bad`` codes, and
+        the positions they wrote."""
+        dev = self.device
         lengths = [len(r.req.tokens) for r in rows]
         nq = round_up(max(lengths), ROW_MULTIPLE)
         toks = torch.full((len(rows), nq), self.pad_id, dtype=torch.long)
@@ -488,14 +515,27 @@ class GenerationEngine:
         bad = torch.zeros(len(rows), dtype=torch.long, device=dev)
         span = self.decoder.L if self.fixed else self.decoder.span_for(nq)
         logits = self.decoder.forward(toks.to(dev), positions, slots, slots, self.steering,
-                                      None if where is None else where.to(dev), bad, last, span, self._shared(rows))
-        out = self._choose(logits, slots, slots, [r.slot for r in rows], bad)
-        self.pos[slots] = torch.tensor(lengths, dtype=torch.long, device=dev)
-        for r in rows:
-            r.kv_end = nq
-            self.high_water[r.slot] = max(self.high_water[r.slot], nq)
-        self.active[slots] = True
-        return out
+                                      None if where is None else where.to(dev), bad, last, span, share)
+        return logits, bad, nq
+
+    # --- lanes (CPU): a step's rows split between threads when the machine is otherwise idle --------------------
+
+    def _split(self, n: int, multiple: int) -> list[tuple[int, int]]:
+        """``[a, b)`` parts of ``n`` rows, one per lane this step gets, each a multiple of ``multiple`` rows (a
+        decode step's parts keep every matmul's row count a multiple of ROW_MULTIPLE)."""
+        c = self.compute
+        w = 1 if c is None or self.fixed or self._work_s < self.min_lane_work_s else min(c.lanes, n // multiple)
+        if w <= 1:
+            return [(0, n)]
+        blocks = n // multiple
+        bounds = [multiple * (blocks * k // w) for k in range(w)] + [n]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def _lanes(self, fns: list) -> list:
+        if len(fns) == 1:
+            return [fns[0]()]
+        self.stats["wide_steps"] += 1
+        return self.compute.parallel(fns)
 
     def _shared(self, rows: list[_Row]) -> Optional[SharedPrefix]:
         """Rows of one prompt (a request's STEERED and DEFAULT, or the same prompt sent twice) are prefilled as one
@@ -534,8 +574,24 @@ class GenerationEngine:
         bad = torch.zeros(idx.shape[0], dtype=torch.long, device=self.device)
         # the longest row's next position decides how much of each slot attention reads (exact zeros beyond a row's own)
         span = self.decoder.L if self.fixed else self.decoder.span_for(max(len(r.req.tokens) + r.generated for r in real))
-        logits = self.decoder.forward(tok[:, None], pos[:, None], rows, idx, self.steering, where, bad, span=span)
-        out = self._choose(logits, rows, idx, slots, bad, active=act)
+        t0 = time.thread_time()
+        if isinstance(rows, slice):  # the packed slots: may split between lanes, ROW_MULTIPLE rows at a time
+            def part(a: int, b: int) -> dict:  # a lane's rows: forward pass and sampling (row-local both)
+                sl = slice(rows.start + a, rows.start + b)
+                logits = self.decoder.forward(tok[a:b, None], pos[a:b, None], sl, idx[a:b], self.steering,
+                                              None if where is None else where[a:b], bad[a:b], span=span)
+                return self._choose(logits, sl, idx[a:b], slots[a:b], bad[a:b], active=act[a:b])
+
+            parts = self._split(idx.shape[0], ROW_MULTIPLE)
+            out = {}
+            for o in self._lanes([functools.partial(part, a, b) for a, b in parts]):
+                out.update(o)
+        else:
+            parts = [()]
+            logits = self.decoder.forward(tok[:, None], pos[:, None], rows, idx, self.steering, where, bad, span=span)
+            out = self._choose(logits, rows, idx, slots, bad, active=act)
+        # this thread's CPU time times its lanes: about the step's work, whatever else loads the machine
+        self._work_s = 0.7 * self._work_s + 0.3 * (time.thread_time() - t0) * len(parts)
         self.pos[rows] = pos + act.long()
         self.stats["decode_steps"] += 1
         self.stats["computed_rows"] += idx.shape[0]

@@ -125,7 +125,7 @@ def test_a_lone_light_task_bursts_and_everything_else_runs_narrow(lock_path):
 
         assert asyncio.run(crowd()) == [1, 1, 1, 1, 2]
         assert threads_of(c, light=True) == 2
-        assert c.stats == {"tasks": 10, "burst_tasks": 3}
+        assert c.stats == {"tasks": 10, "burst_tasks": 3, "wide_tasks": 0}
     finally:
         c.shutdown()
 
@@ -261,5 +261,87 @@ def test_only_kinds_of_task_heavy_enough_burst(lock_path):
     try:
         first, second, cheap = asyncio.run(main())
         assert (first, second, cheap) == (1, 2, [1, 1, 1])
+    finally:
+        c.shutdown()
+
+
+def _lanes_seen(c: ComputeThread) -> tuple[int, list[int]]:
+    """A wide task's lanes, and the narrow thread counts of the threads ``parallel`` ran its parts on."""
+    def task():
+        got = c.parallel([lambda: (threading.get_ident(), torch.get_num_threads())] * c.lanes)
+        assert len({t for t, _ in got}) == len(got)  # each part on a thread of its own
+        return c.lanes, [n for _, n in got]
+
+    async def main():
+        return await c.run(task, wide=True)
+
+    return asyncio.run(main())
+
+
+def test_a_wide_task_gets_lanes_only_while_nobody_else_computes_or_waits(lock_path):
+    other = CPULock(lock_path)
+    c = ComputeThread("w", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        assert _lanes_seen(c) == (2, [1, 1])  # idle machine: two lanes of one thread each
+        assert c.lanes == 1 and c.call(lambda: c.lanes) == 1  # only inside the wide task
+        assert other.shared()  # another replica computing: one lane
+        assert _lanes_seen(c) == (1, [1])
+        other.release()
+        # another replica waiting for our lock (held by a wide task) registers, and the next wide task is narrow
+        hold, go = threading.Event(), threading.Event()
+        fut = c._submit(lambda: (hold.set(), go.wait(10)), False, True)
+        assert hold.wait(10)
+        waiter = threading.Thread(target=lambda: (other.shared(), other.release()))
+        waiter.start()
+        time.sleep(0.1)
+        assert not other.idle_exclusive()  # its waiting is visible
+        go.set()
+        fut.result(timeout=10)
+        waiter.join(10)
+        assert other.idle_exclusive()  # nobody waits any more
+        other.release()
+        assert c.stats["wide_tasks"] == 2
+    finally:
+        c.shutdown()
+
+
+def test_rows_split_between_lanes_give_the_tokens_of_one_lane(random_model, lock_path):
+    """Decode and prefill steps split between two lanes (rows in separate matmuls on separate threads) produce
+    bit-identical tokens and logprobs to one lane, and to each request alone."""
+    from deployments.engine import steering as St
+    import numpy as np
+
+    model = random_model
+    v = np.random.RandomState(2).randn(model.cfg.d_model).astype(np.float32)
+    reqs = []
+    for i in range(10):
+        p = [1] + [(7 * i + 3 * j) % 290 + 3 for j in range(3 + (5 * i) % 13)]
+        reqs.append(GenerationRequest(tokens=p, max_new_tokens=9, temperature=0.0 if i % 3 == 0 else 0.9, seed=i,
+                                      n_logprobs=2, stop_tokens=[],
+                                      steering=[St.SteerVector("blocks.1.hook_resid_pre", v, 2.0)] if i % 2 else []))
+    c = ComputeThread("w", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    try:
+        async def run(fn, *a):
+            return await c.run(fn, *a, wide=True)
+
+        async def main(min_work):
+            sched = GenerationScheduler(model, max_rows=16, run=run)
+            sched.engine.compute, sched.engine.min_lane_work_s = c, min_work
+            subs = [sched.submit([r]) for r in reqs]
+
+            async def collect(sub):
+                out = []
+                async for events in sub:
+                    out += [(e.token, e.logprob, e.top_logprobs) for e in events]
+                return out
+
+            return await asyncio.gather(*(collect(s) for s in subs)), sched.stats
+
+        wide, st = asyncio.run(main(0.0))
+        narrow, st1 = asyncio.run(main(1e9))  # never worth splitting
+        assert st["wide_steps"] >= st["decode_steps"] - 1 and st1["wide_steps"] == 0
+        assert wide == narrow
+        for r, got in zip(reqs, wide):
+            assert [e.token for e in generate(model, [r])[0]] == [t for t, _, _ in got]
     finally:
         c.shutdown()
