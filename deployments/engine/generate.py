@@ -139,8 +139,17 @@ class GenerationEngine:
                 log.warning("rows computed in different batches differ on this device: generation uses fixed shapes "
                             "(%d rows per decode step, prompts prefilled one at a time)", self.capacity)
         self.fixed = bool(fixed_shapes)
-        if self.fixed:
+        # Every slot's KV cache up front: growing later stalls the step that needs it (fresh memory is slow to
+        # touch: 8 -> 64 slots of the GPT-2-small shape took 12 s in a VM here) and can fail mid-load. Where memory
+        # is short, slots grow as rows arrive instead (admission then waits when memory is full).
+        try:
             self._grow(self.capacity)
+        except Exception as e:
+            if self.fixed or not is_oom(e):
+                raise
+            _after_oom(self.device)
+            log.warning("not enough memory for %d generation slots up front (%s): growing them as rows arrive",
+                        self.capacity, e)
 
     # --- requests ---------------------------------------------------------------------------------------------
 

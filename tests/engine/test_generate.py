@@ -285,3 +285,28 @@ def test_generation_stats_report_occupancy_and_step_time(model):
     assert stats["rows_joined"] == 3 and stats["rows_finished"] == 3 and stats["tokens"] == 4 + 5 + 6
     assert 0 < stats["slot_occupancy"] <= 1 and stats["mean_step_ms"] > 0 and stats["capacity"] == 8
     assert stats["active_rows"] == 0 and stats["pending_rows"] == 0
+
+
+def test_slots_are_allocated_up_front_or_grown_where_memory_is_short(model, vec, monkeypatch):
+    eng = GenerationEngine(model, capacity=16)
+    assert eng.n_slots == 16 and eng.decoder.n_slots == 16  # no step later pays for fresh memory
+    from deployments.engine.decoder import SlotDecoder
+
+    real = SlotDecoder.ensure_slots
+
+    def short(self, n):  # memory for 12 slots only
+        if n > 12:
+            raise RuntimeError("CPU: can't allocate memory")
+        real(self, n)
+
+    monkeypatch.setattr(SlotDecoder, "ensure_slots", short)
+    lazy = GenerationEngine(model, capacity=16, fixed_shapes=False)
+    assert lazy.n_slots == 8  # what the engine starts from
+    reqs = mixed_requests(model, vec, n=14)
+    ids = lazy.add(reqs)
+    got = {i: [] for i in ids}
+    while not lazy.idle:
+        for e in lazy.step().events:
+            got[e.row].append(e)
+    for r, i in zip(reqs, ids):  # admission waited for memory; every row as alone
+        same_events(generate(model, [r], capacity=16)[0], got[i])
