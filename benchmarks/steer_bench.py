@@ -10,8 +10,9 @@ Four measurements, each a same-run ratio:
 - ``steps``       decode steps per second with 16 rows: the engine against TransformerLens ``generate`` on the same
                   batch (greedy, KV cache), unsteered and with one steering vector on every row;
 - ``concurrency`` closed-loop clients at concurrency 1, 8, 32, 64 (each request STEERED + DEFAULT, 32 new tokens,
-                  seeded sampling): new tokens/s and latency percentiles, against TransformerLens serially (one
-                  request after another, ``generate`` with the hook, STEERED then DEFAULT);
+                  seeded sampling), steps run as ModelDeployment runs them (wide tasks: ``--lanes``): new tokens/s
+                  and latency percentiles, against TransformerLens serially (one request after another, ``generate``
+                  with the hook, STEERED then DEFAULT, on as many threads as the lanes);
 - ``alone``       whether each concurrency run's outputs equal the same requests run alone (the batch-invariance
                   promise; must be true on CPU).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -167,14 +169,22 @@ def baseline_serial(model, reqs: list[list[GenerationRequest]]) -> dict:
     return {"seconds": dt, "tokens": n_tok, "tokens_per_s": n_tok / dt, "p50_ms": 1e3 * pct(lat, 50)}
 
 
-def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int, rows: int) -> dict:
+def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int, rows: int, lanes: int = 1) -> dict:
+    """Steps run as ModelDeployment runs them: wide tasks on a ComputeThread, split between ``lanes`` when they
+    do enough work (1: no lanes); the serial baseline then gets as many torch threads."""
+    from deployments.engine.compute import ComputeThread
+
+    compute = ComputeThread("bench", torch_threads=torch.get_num_threads(),
+                            burst_threads=lanes * torch.get_num_threads() if lanes > 1 else None)
     out = {}
     for c in levels:
         n_req = max(c * per_client, 8)
         reqs = [pair(model, i, new_tokens) for i in range(n_req)]
 
         async def go():
-            sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0])
+            sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0],
+                                        run=functools.partial(compute.run, wide=True))
+            sched.engine.compute = compute
             queue = list(range(n_req))
             lat, outs = [], {}
 
@@ -198,8 +208,16 @@ def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int
                        "p50_ms": 1e3 * pct(lat, 50), "p90_ms": 1e3 * pct(lat, 90), "p99_ms": 1e3 * pct(lat, 99),
                        "mean_active_rows": st["mean_active_rows"], "slot_occupancy": st["slot_occupancy"],
                        "mean_step_ms": st["mean_step_ms"], "rows_joined_mid_flight": st["rows_joined_mid_flight"],
+                       "wide_steps": st["wide_steps"], "prefill_rows_shared": st["prefill_rows_shared"],
                        "equals_alone": alone_ok}
-    base = baseline_serial(model, [pair(model, i, new_tokens) for i in range(4)])
+    compute.shutdown()
+    narrow = torch.get_num_threads()
+    torch.set_num_threads(narrow * lanes)  # the baseline may use every core the lanes do
+    try:
+        base = baseline_serial(model, [pair(model, i, new_tokens) for i in range(4)])
+    finally:
+        torch.set_num_threads(narrow)
+    base["torch_threads"] = narrow * lanes
     for r in out.values():
         r["x_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
     return {"new_tokens": new_tokens, "rows": rows, "levels": out, "baseline_serial": base}
@@ -215,6 +233,9 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="concurrency runs: lanes a step may split into, as ModelDeployment's (default: the CPUs this "
+                        "process may use over --threads; 1: none); the serial baseline gets lanes x threads")
     p.add_argument("--max-len", type=int, default=456, help="KV positions per row slot (capped by the model's n_ctx)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/steer/steer-bench.json: not in "
                    "results/, whose *.json benchmarks.report reads)")
@@ -248,13 +269,18 @@ def main(argv=None) -> None:
             print(f"| {k} | {r['engine_steps_per_s']:.0f} | {r['transformer_lens_steps_per_s']:.0f} | {r['ratio']:.2f} |")
         print()
     if "concurrency" in what:
+        from deployments.engine.compute import available_cpus
+
+        lanes = a.lanes if a.lanes is not None else max(1, available_cpus() // torch.get_num_threads())
         c = results["concurrency"] = bench_concurrency(model, [int(x) for x in a.levels.split(",")], a.per_client,
-                                                       a.new_tokens, a.rows)
+                                                       a.new_tokens, a.rows, lanes)
+        c["lanes"] = lanes
         b = c["baseline_serial"]
         print(f"| concurrency ({a.new_tokens} new tokens x STEERED + DEFAULT) | requests | tokens/s | x serial TL | "
               "p50 ms | p90 ms | p99 ms | mean rows/step | equals alone |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-        print(f"| serial TransformerLens | 4 | {b['tokens_per_s']:.0f} | 1 | {b['p50_ms']:.0f} | | | | |")
+        print(f"| serial TransformerLens ({b['torch_threads']} threads) | 4 | {b['tokens_per_s']:.0f} | 1 | "
+              f"{b['p50_ms']:.0f} | | | | |")
         for lvl, r in c["levels"].items():
             print(f"| {lvl} | {r['requests']} | {r['tokens_per_s']:.0f} | {r['x_baseline']:.1f} | {r['p50_ms']:.0f} | "
                   f"{r['p90_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_active_rows']:.1f} | {r['equals_alone']} |")

@@ -174,3 +174,21 @@ def test_gpt2_small_shape_has_gpt2s_vocabulary(monkeypatch):
     assert len(tok) == shapes.GPT2_VOCAB
     assert tok("the cat sat")["input_ids"][0] == tok.bos_token_id
     assert shapes._stamp(shape) != stamp_with  # a pack built with the other tokenizer is rebuilt
+
+
+def test_steer_bench_runs_every_measurement_at_a_tiny_size(tmp_path):
+    """benchmarks.steer_bench end to end on a tiny random pack: join, steps, concurrency with two lanes; the
+    concurrency run's outputs equal the same requests alone (the batch-invariance promise the bench reports)."""
+    from benchmarks import steer_bench
+    from scripts.make_random_pack import write_random_pack
+
+    pack = write_random_pack(tmp_path / "pack", n_layers=2, d_model=32, n_heads=4, n_ctx=160, d_sae=64,
+                             vocab_size=300, seed=1)
+    out = tmp_path / "steer.json"
+    steer_bench.main(["--pack", str(pack), "--levels", "1,4", "--per-client", "1", "--new-tokens", "3", "--repeats",
+                      "1", "--rows", "8", "--lanes", "2", "--max-len", "160", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["join"]["ratio"] > 0 and res["steps"]["unsteered"]["ratio"] > 0
+    conc = res["concurrency"]
+    assert conc["lanes"] == 2 and conc["baseline_serial"]["torch_threads"] == 2 * res["machine"]["threads"]
+    assert all(r["equals_alone"] and r["tokens"] == r["requests"] * 2 * 3 for r in conc["levels"].values())
