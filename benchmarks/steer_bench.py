@@ -14,7 +14,10 @@ Four measurements, each a same-run ratio:
                   and latency percentiles, against TransformerLens serially (one request after another, ``generate``
                   with the hook, STEERED then DEFAULT, on as many threads as the lanes);
 - ``alone``       whether each concurrency run's outputs equal the same requests run alone (the batch-invariance
-                  promise; must be true on CPU).
+                  promise; must be true on CPU);
+- ``wave``        (not by default) the service's steering cell as the engine sees it: 32 requests at once, STEERED at
+                  two thirds of the depth + DEFAULT, 48-80 token prompts; prefill and decode seconds on one lane
+                  against several, alternating.
 
 Prints markdown tables and writes JSON. ``--threads`` (default 1, what a Ray replica with a fractional CPU gets).
 """
@@ -148,6 +151,59 @@ def bench_steps(model, n_rows: int, new_tokens: int, repeats: int) -> dict:
     return {"rows": n_rows, "new_tokens": new_tokens, **out}
 
 
+# --- a wave of the service's steering requests ---------------------------------------------------------------------
+
+
+def bench_wave(model, n_requests: int, new_tokens: int, repeats: int, lanes: int, rows: int) -> dict:
+    """What the service's steer/completion cell hands the engine at concurrency ``n_requests``: that many requests
+    at once, each STEERED (a unit vector x 10 at ``blocks.{2L/3}.hook_resid_post``, like an SAE feature at layer 8
+    of 12) + DEFAULT, prompts of 48-80 tokens, ``new_tokens`` sampled tokens. Prefill and decode times, one lane
+    against ``lanes`` (alternating, ``repeats`` pairs; one lane only if ``lanes`` is 1)."""
+    import random
+
+    from deployments.engine.compute import ComputeThread
+
+    rng = random.Random(0)
+    tok = model.tokenizer
+    hook = f"blocks.{2 * model.cfg.n_layers // 3}.hook_resid_post"
+    vec = steering_vector(model)
+    reqs = []
+    for i in range(n_requests):
+        ids = [tok.bos_token_id] + [rng.randrange(model.cfg.d_vocab) for _ in range(rng.randint(48, 80) - 1)]
+        common = dict(tokens=ids, max_new_tokens=new_tokens, temperature=0.5, seed=16, stop_tokens=[])
+        reqs.append([GenerationRequest(**common, steering=[SteerVector(hook, vec, 10.0)]), GenerationRequest(**common)])
+    compute = ComputeThread("wave", torch_threads=torch.get_num_threads(),
+                            burst_threads=lanes * torch.get_num_threads() if lanes > 1 else None)
+    try:
+        # (lanes 1 runs on code without lanes too: the comparison with an earlier commit)
+        kw = {"compute": compute} if lanes > 1 else {}
+        eng = compute.call(lambda: GenerationEngine(model, capacity=rows, max_len=MAX_LEN[0], **kw))
+        runs = {1: [], lanes: []}
+        for k in range(repeats * len(runs)):
+            w = (1, lanes)[k % len(runs)]
+            step = (lambda: compute._submit(eng.step, False, True).result()) if w > 1 else (lambda: compute.call(eng.step))
+            for r in reqs:
+                eng.add(r, owner=object())
+            t0 = time.perf_counter()
+            step()  # admits and prefills every row, then one decode step
+            t1 = time.perf_counter()
+            steps = 0
+            while not eng.idle:
+                step()
+                steps += 1
+            t2 = time.perf_counter()
+            runs[w].append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps,
+                            "tokens_per_s": 2 * n_requests * new_tokens / (t2 - t0)})
+    finally:
+        compute.shutdown()
+    med = lambda xs, k: statistics.median(x[k] for x in xs)
+    out = {"requests": n_requests, "hook": hook, "new_tokens": new_tokens, "lanes": lanes,
+           "prefill_rows_shared": eng.stats.get("prefill_rows_shared"), "runs": {str(k): v for k, v in runs.items()}}
+    for w, xs in runs.items():
+        out[f"lanes_{w}"] = {k: med(xs, k) for k in ("prefill_s", "decode_s", "tokens_per_s")}
+    return out
+
+
 # --- concurrency ---------------------------------------------------------------------------------------------------
 
 
@@ -225,7 +281,9 @@ def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="join,steps,concurrency", help="comma-separated: join, steps, concurrency")
+    p.add_argument("--what", default="join,steps,concurrency",
+                   help="comma-separated: join, steps, concurrency, wave")
+    p.add_argument("--wave-requests", type=int, default=32, help="requests in the wave measurement")
     p.add_argument("--pack", default=None, help="model pack (default models/demo-lm, else a random pack)")
     p.add_argument("--rows", type=int, default=64, help="generation row slots (the server's generate_rows)")
     p.add_argument("--levels", default="1,8,32,64", help="client concurrencies")
@@ -268,10 +326,19 @@ def main(argv=None) -> None:
             r = s[k]
             print(f"| {k} | {r['engine_steps_per_s']:.0f} | {r['transformer_lens_steps_per_s']:.0f} | {r['ratio']:.2f} |")
         print()
-    if "concurrency" in what:
-        from deployments.engine.compute import available_cpus
+    from deployments.engine.compute import available_cpus
 
-        lanes = a.lanes if a.lanes is not None else max(1, available_cpus() // torch.get_num_threads())
+    lanes = a.lanes if a.lanes is not None else max(1, available_cpus() // torch.get_num_threads())
+    if "wave" in what:
+        wv = results["wave"] = bench_wave(model, a.wave_requests, a.new_tokens, a.repeats, lanes, a.rows)
+        print(f"wave: {wv['requests']} requests at once (STEERED at {wv['hook']} + DEFAULT, 48-80 token prompts, "
+              f"{wv['new_tokens']} new tokens), {wv['prefill_rows_shared']} rows' prefill shared\n")
+        print("| lanes | prefill s | decode s | tokens/s |\n| ---: | ---: | ---: | ---: |")
+        for w in dict.fromkeys((1, lanes)):
+            r = wv[f"lanes_{w}"]
+            print(f"| {w} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} | {r['tokens_per_s']:.0f} |")
+        print()
+    if "concurrency" in what:
         c = results["concurrency"] = bench_concurrency(model, [int(x) for x in a.levels.split(",")], a.per_client,
                                                        a.new_tokens, a.rows, lanes)
         c["lanes"] = lanes

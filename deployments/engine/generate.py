@@ -490,7 +490,12 @@ class GenerationEngine:
     def _prefill_chunk(self, rows: list[_Row]) -> dict:
         self.stats["prefill_batches"] += 1
         dev = self.device
-        parts = [(rows[a:b], self._shared(rows[a:b])) for a, b in self._split(len(rows), 1)]
+        cuts = [b for _, b in self._split(len(rows), 1)][:-1]
+        # a part boundary never separates rows of one prompt (they share a stream): move it past them
+        cuts = [next((c for c in range(c, len(rows)) if rows[c].req.tokens != rows[c - 1].req.tokens), len(rows))
+                for c in cuts]
+        bounds = sorted({0, *cuts, len(rows)})
+        parts = [(rows[a:b], self._shared(rows[a:b])) for a, b in zip(bounds, bounds[1:])]
         outs = self._lanes([lambda p=p, sh=sh: self._prefill_forward(p, sh) for p, sh in parts])
         logits = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
         bad = torch.cat([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]

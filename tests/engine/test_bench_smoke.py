@@ -185,9 +185,13 @@ def test_steer_bench_runs_every_measurement_at_a_tiny_size(tmp_path):
     pack = write_random_pack(tmp_path / "pack", n_layers=2, d_model=32, n_heads=4, n_ctx=160, d_sae=64,
                              vocab_size=300, seed=1)
     out = tmp_path / "steer.json"
-    steer_bench.main(["--pack", str(pack), "--levels", "1,4", "--per-client", "1", "--new-tokens", "3", "--repeats",
-                      "1", "--rows", "8", "--lanes", "2", "--max-len", "160", "--out", str(out)])
+    steer_bench.main(["--pack", str(pack), "--what", "join,steps,concurrency,wave", "--levels", "1,4", "--per-client",
+                      "1", "--new-tokens", "3", "--repeats", "1", "--rows", "8", "--lanes", "2", "--max-len", "160",
+                      "--wave-requests", "3", "--out", str(out)])
     res = json.loads(out.read_text())
+    wave = res["wave"]
+    assert wave["prefill_rows_shared"] == 2 * 3  # each request's DEFAULT shares its STEERED row's stream, per run
+    assert len(wave["runs"]["1"]) == len(wave["runs"]["2"]) == 1 and wave["lanes_2"]["tokens_per_s"] > 0
     assert res["join"]["ratio"] > 0 and res["steps"]["unsteered"]["ratio"] > 0
     conc = res["concurrency"]
     assert conc["lanes"] == 2 and conc["baseline_serial"]["torch_threads"] == 2 * res["machine"]["threads"]

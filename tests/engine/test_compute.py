@@ -313,12 +313,15 @@ def test_rows_split_between_lanes_give_the_tokens_of_one_lane(random_model, lock
 
     model = random_model
     v = np.random.RandomState(2).randn(model.cfg.d_model).astype(np.float32)
-    reqs = []
+    subs = []
     for i in range(10):
         p = [1] + [(7 * i + 3 * j) % 290 + 3 for j in range(3 + (5 * i) % 13)]
-        reqs.append(GenerationRequest(tokens=p, max_new_tokens=9, temperature=0.0 if i % 3 == 0 else 0.9, seed=i,
-                                      n_logprobs=2, stop_tokens=[],
-                                      steering=[St.SteerVector("blocks.1.hook_resid_pre", v, 2.0)] if i % 2 else []))
+        common = dict(tokens=p, max_new_tokens=9, temperature=0.0 if i % 3 == 0 else 0.9, seed=i, n_logprobs=2,
+                      stop_tokens=[])
+        steered = GenerationRequest(**common, steering=[St.SteerVector("blocks.1.hook_resid_pre", v, 2.0)])
+        # odd ones: a steer request's STEERED and DEFAULT rows (one prompt: prefilled as one stream up to block 1)
+        subs.append([steered, GenerationRequest(**common)] if i % 2 else [GenerationRequest(**common)])
+    reqs = [r for sub in subs for r in sub]
     c = ComputeThread("w", torch_threads=1, burst_threads=2, lock_path=lock_path)
     try:
         async def run(fn, *a):
@@ -327,19 +330,22 @@ def test_rows_split_between_lanes_give_the_tokens_of_one_lane(random_model, lock
         async def main(min_work):
             sched = GenerationScheduler(model, max_rows=16, run=run)
             sched.engine.compute, sched.engine.min_lane_work_s = c, min_work
-            subs = [sched.submit([r]) for r in reqs]
+            submitted = [sched.submit(sub) for sub in subs]
 
-            async def collect(sub):
-                out = []
+            async def collect(sub, n):
+                out = [[] for _ in range(n)]
                 async for events in sub:
-                    out += [(e.token, e.logprob, e.top_logprobs) for e in events]
+                    for e in events:
+                        out[e.row].append((e.token, e.logprob, e.top_logprobs))
                 return out
 
-            return await asyncio.gather(*(collect(s) for s in subs)), sched.stats
+            got = await asyncio.gather(*(collect(s, len(sub)) for s, sub in zip(submitted, subs)))
+            return [rows for g in got for rows in g], sched.stats
 
         wide, st = asyncio.run(main(0.0))
         narrow, st1 = asyncio.run(main(1e9))  # never worth splitting
         assert st["wide_steps"] >= st["decode_steps"] - 1 and st1["wide_steps"] == 0
+        assert st["prefill_rows_shared"] == st1["prefill_rows_shared"] == 5  # lanes never split a pair's stream
         assert wide == narrow
         for r, got in zip(reqs, wide):
             assert [e.token for e in generate(model, [r])[0]] == [t for t, _, _ in got]
