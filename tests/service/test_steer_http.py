@@ -127,6 +127,31 @@ def test_disconnect_mid_stream_stops_generation(http):
     assert http.post("/v1/steer/completion", json={**BASE, "n_completion_tokens": 2}).status_code == 200
 
 
+def test_steered_and_default_share_their_prefill_below_the_steered_layer(http, pack_dir):
+    """A feature of the layer-2 SAE: the request's STEERED and DEFAULT rows are prefilled as one stream through
+    blocks 0 and 1 (the replica's generation_stats count it), and both equal TransformerLens generate."""
+    from ray import serve
+
+    model = serve.get_deployment_handle("ModelDeployment", app_name="saeserve")
+    before = model.generation_stats.remote().result()
+    body = {**BASE, "features": [{"model": MODEL_ID, "source": "2-res-demo", "index": INDEX, "strength": 6}],
+            "n_completion_tokens": 6}
+    out = http.post("/v1/steer/completion", json=body).json()
+    after = model.generation_stats.remote().result()
+    assert after["prefill_rows_shared"] == before["prefill_rows_shared"] + 1
+    m = R.model(str(pack_dir))
+    v = R.sae(str(pack_dir), "res-demo", 2).W_dec[INDEX].detach()
+    toks = [m.tokenizer.bos_token_id, *m.tokenizer("the cat", add_special_tokens=False)["input_ids"]]
+    for o in out["outputs"]:
+        hooks = [("blocks.2.hook_resid_post", lambda act, hook: act + 6.0 * v)] if o["type"] == "STEERED" else []
+        with torch.no_grad(), m.hooks(fwd_hooks=hooks):
+            ref = m.generate(torch.tensor([toks]), max_new_tokens=6, do_sample=False, stop_at_eos=True, verbose=False,
+                             use_past_kv_cache=True)[0, len(toks):].tolist()
+        if m.tokenizer.eos_token_id in ref:
+            ref = ref[: ref.index(m.tokenizer.eos_token_id)]
+        assert o["output"] == "the cat" + m.tokenizer.decode(ref, clean_up_tokenization_spaces=False)
+
+
 def test_seeded_sampling_same_alone_and_among_8_concurrent(http):
     target = {**BASE, "temperature": 1.0, "seed": 123, "n_completion_tokens": 8, "freq_penalty": 0.5}
     alone = http.post("/v1/steer/completion", json=target).json()
