@@ -143,7 +143,11 @@ class GenerationEngine:
         # touch: 8 -> 64 slots of the GPT-2-small shape took 12 s in a VM here) and can fail mid-load. Where memory
         # is short, slots grow as rows arrive instead (admission then waits when memory is full).
         try:
+            t0 = time.perf_counter()
             self._grow(self.capacity)
+            log.info("generation: %d row slots of %d positions, %.0f MB of KV cache allocated in %.1f s",
+                     self.n_slots, self.max_len, self.n_slots * self.decoder.slot_bytes() / 1e6,
+                     time.perf_counter() - t0)
         except Exception as e:
             if self.fixed or not is_oom(e):
                 raise
