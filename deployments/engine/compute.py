@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import weakref
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -215,7 +216,10 @@ class ComputeThread:
         if len(fns) > self.lanes or self._helpers is None:
             raise RuntimeError(f"{len(fns)} functions for {self.lanes} lanes")
         futs = [self._helpers.submit(f) for f in fns[1:]]
-        first = fns[0]()
+        try:
+            first = fns[0]()
+        finally:  # never return (or raise) while a lane still computes: its caller may re-run the work at once
+            concurrent.futures.wait(futs)
         return [first, *(f.result() for f in futs)]
 
     def _worth_a_burst(self, kind: str) -> bool:

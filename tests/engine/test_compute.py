@@ -351,3 +351,27 @@ def test_rows_split_between_lanes_give_the_tokens_of_one_lane(random_model, lock
             assert [e.token for e in generate(model, [r])[0]] == [t for t, _, _ in got]
     finally:
         c.shutdown()
+
+
+def test_parallel_waits_for_every_lane_before_raising(lock_path):
+    """A lane that fails does not leave another still running when the error reaches the caller (who re-runs the
+    rows in halves at once: two writers would race on the KV cache)."""
+    c = ComputeThread("w", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    done = threading.Event()
+
+    def slow():
+        time.sleep(0.3)
+        done.set()
+
+    def fail():
+        raise RuntimeError("lane failed")
+
+    def task():
+        with pytest.raises(RuntimeError, match="lane failed"):
+            c.parallel([fail, slow])
+        return done.is_set()
+
+    try:
+        assert asyncio.run(c.run(task, wide=True))
+    finally:
+        c.shutdown()
