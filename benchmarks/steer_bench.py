@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import platform
@@ -238,9 +237,7 @@ def bench_concurrency(model, levels: list[int], per_client: int, new_tokens: int
         reqs = [pair(model, i, new_tokens) for i in range(n_req)]
 
         async def go():
-            sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0],
-                                        run=functools.partial(compute.run, wide=True))
-            sched.engine.compute = compute
+            sched = GenerationScheduler(model, max_rows=rows, max_len=MAX_LEN[0], compute=compute)
             queue = list(range(n_req))
             lat, outs = [], {}
 

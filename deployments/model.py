@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import threading
 import time
@@ -70,9 +69,7 @@ class ModelDeployment:
         # Each step is a wide task: on an otherwise idle CPU its rows split between lanes (engine.compute).
         self.generator = self.compute.call(lambda: GenerationScheduler(
             self.runner.model, max_rows=generate_rows, max_len=generate_positions, fixed_shapes=generate_fixed_shapes,
-            lock=self._model_lock, run=functools.partial(self.compute.run, wide=True)))
-        if self.generator.engine is not None:
-            self.generator.engine.compute = self.compute
+            lock=self._model_lock, compute=self.compute))
         # Capture runs the generation engine's forward pass over the same weights (engine.capture): one copy of
         # its fused weights. None where generation is not implemented for the architecture: TransformerLens then.
         if self.generator.engine is not None:

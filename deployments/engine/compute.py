@@ -30,6 +30,7 @@ meanwhile waits at most one step, and registers as waiting, so the next step run
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import functools
 import logging
@@ -39,7 +40,6 @@ import tempfile
 import threading
 import time
 import weakref
-import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar

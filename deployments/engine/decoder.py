@@ -254,14 +254,15 @@ class SlotDecoder:
         def leads_at(block: int) -> list[int]:  # the row each row is computed as, from ``block`` on
             return [g if size[g] > 1 and until[g] > block else i for i, g in enumerate(group)]
 
+        def t(xs: list[int]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.long, device=dev)
+
         phases, start = [], 0
-        for end in splits:
+        for end in splits:  # after the last split every row is its own stream
             lead = leads_at(start)
             streams = sorted(set(lead))
             at = {r: k for k, r in enumerate(streams)}
-            after = sorted(set(leads_at(end))) if end < splits[-1] else list(range(len(prompts)))
-            nxt = [at[lead[r]] for r in after]
-            t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+            nxt = [at[lead[r]] for r in sorted(set(leads_at(end)))]
             phases.append(StreamPhase(start, end, t(streams), t([at[x] for x in lead]), t(nxt)))
             start = end
         return SharedPrefix(phases)

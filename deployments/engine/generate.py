@@ -458,8 +458,8 @@ class GenerationEngine:
         chunks: list[list[_Row]] = []  # at most prefill_tokens padded positions each (one row each with fixed shapes)
         widest = 0
         # shortest first: a chunk pads its prompts to its longest, so similar lengths together waste the least (a
-        # row's arithmetic does not depend on its chunk); a submission's rows of one prompt stay side by side
-        for row in sorted(rows, key=lambda r: len(r.req.tokens)):
+        # row's arithmetic does not depend on its chunk); rows of one prompt side by side (they share a stream)
+        for row in sorted(rows, key=lambda r: (len(r.req.tokens), r.req.tokens)):
             n4 = round_up(len(row.req.tokens), ROW_MULTIPLE)
             c = chunks[-1] if chunks else None
             if c is None or self.fixed or (len(c) + 1) * max(widest, n4) > self.prefill_tokens:
@@ -494,11 +494,12 @@ class GenerationEngine:
     def _prefill_chunk(self, rows: list[_Row]) -> dict:
         self.stats["prefill_batches"] += 1
         dev = self.device
-        cuts = [b for _, b in self._split(len(rows), 1)][:-1]
-        # a part boundary never separates rows of one prompt (they share a stream): move it past them
-        cuts = [next((c for c in range(c, len(rows)) if rows[c].req.tokens != rows[c - 1].req.tokens), len(rows))
-                for c in cuts]
-        bounds = sorted({0, *cuts, len(rows)})
+        bounds = {0, len(rows)}
+        for _, cut in self._split(len(rows), 1)[:-1]:
+            while cut < len(rows) and rows[cut].req.tokens == rows[cut - 1].req.tokens:
+                cut += 1  # a lane's part never separates rows of one prompt (they share a stream)
+            bounds.add(cut)
+        bounds = sorted(bounds)
         parts = [(rows[a:b], self._shared(rows[a:b])) for a, b in zip(bounds, bounds[1:])]
         outs = self._lanes([lambda p=p, sh=sh: self._prefill_forward(p, sh) for p, sh in parts])
         logits = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
@@ -803,19 +804,24 @@ class Submission:
 class GenerationScheduler:
     """Feeds a :class:`GenerationEngine` from asyncio: every step is one ``run(fn)`` task (a replica's
     ComputeThread.run, so other model work interleaves between steps), submissions join at the next step, and
-    each gets its own rows' events. ``lock`` (optional) is held around each step."""
+    each gets its own rows' events. ``lock`` (optional) is held around each step. ``compute`` (a ComputeThread,
+    instead of ``run``): each step is one of its wide tasks, which the engine splits between lanes when it gets
+    them."""
 
     def __init__(self, model=None, max_rows: int = DEFAULT_CAPACITY, max_len: Optional[int] = None,
                  fixed_shapes: Optional[bool] = None, lock: Optional[threading.Lock] = None, run=None,
-                 engine: Optional[GenerationEngine] = None):
+                 engine: Optional[GenerationEngine] = None, compute=None):
         self.unsupported: Optional[RequestError] = None
         self.engine = engine
         if engine is None:
             try:
-                self.engine = GenerationEngine(model, capacity=max_rows, max_len=max_len, fixed_shapes=fixed_shapes)
+                self.engine = GenerationEngine(model, capacity=max_rows, max_len=max_len, fixed_shapes=fixed_shapes,
+                                               compute=compute)
             except UnsupportedModel as e:
                 log.warning("%s", e.message)
                 self.unsupported = e
+        if compute is not None and run is None:
+            run = functools.partial(compute.run, wide=True)
         self._compute = run or asyncio.to_thread
         self.lock = lock
         self._new: list[Submission] = []

@@ -324,12 +324,9 @@ def test_rows_split_between_lanes_give_the_tokens_of_one_lane(random_model, lock
     reqs = [r for sub in subs for r in sub]
     c = ComputeThread("w", torch_threads=1, burst_threads=2, lock_path=lock_path)
     try:
-        async def run(fn, *a):
-            return await c.run(fn, *a, wide=True)
-
         async def main(min_work):
-            sched = GenerationScheduler(model, max_rows=16, run=run)
-            sched.engine.compute, sched.engine.min_lane_work_s = c, min_work
+            sched = GenerationScheduler(model, max_rows=16, compute=c)  # each step a wide task of c's
+            sched.engine.min_lane_work_s = min_work
             submitted = [sched.submit(sub) for sub in subs]
 
             async def collect(sub, n):
