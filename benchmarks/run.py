@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,10 +128,12 @@ class Profiler:
         from .service import replica_pids
 
         out_dir.mkdir(parents=True, exist_ok=True)
+        # py-spy is installed beside this interpreter (the venv's bin), which need not be on PATH.
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         self.procs = []
         for name, pid in replica_pids().items():
             f = out_dir / f"{tag}-{name}-{pid}.txt"
-            self.procs.append(subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+            self.procs.append(subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
                                                 "--output", str(f), "--nonblocking", "--threads", "--subprocesses"],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         time.sleep(1.0)
