@@ -75,6 +75,18 @@ class LoadedSAE(Resident):
         return self._decoder_index
 
 
+def single_answer(s: LoadedSAE, item: P.ShardItem, feats: torch.Tensor, column: int | None = None) -> P.FeatureActivation:
+    """activation/single's answer from ``feats`` (every feature's codes, or only some: ``column`` is where the item's
+    feature is), with its direct feature attribution where the item carries its inputs."""
+    op = item.op
+    row = F.single_feature(feats, op.index, op.zero_positions, op.drop_first, column)
+    if item.dfa_inputs is not None:
+        offset = 1 if op.drop_first else 0  # DFA in the same coordinates as ``values``
+        full = F.direct_feature_attribution(F.encoder_matrix(s.sae), *item.dfa_inputs, op.index, row.max_value_index + offset)
+        row.dfa_values = full[offset:]
+    return row
+
+
 def _gpu_share() -> float | None:
     """The GPUs Ray assigned this replica (a fraction when it shares a card), or None outside a Ray actor."""
     try:
@@ -200,6 +212,12 @@ class SAEShard:
             for i in raw:
                 out[i] = self._on_activations(s, items[i])
             idx = [i for i in idx if not isinstance(items[i].op, P.SimilarityOp)]
+            singles = [i for i in idx if isinstance(items[i].op, P.SingleOp)]
+            answers = self._singles(s, [items[i] for i in singles]) if singles else None
+            if answers is not None:
+                for i, r in zip(singles, answers):
+                    out[i] = r
+                idx = [i for i in idx if not isinstance(items[i].op, P.SingleOp)]
             # a sequence SAE attends over its prompt: stacking prompts along positions would mix them
             step = 1 if F.is_sequence_sae(s.sae) else self.encode_batch_size
             for k in range(0, len(idx), step):
@@ -249,6 +267,35 @@ class SAEShard:
                         out[i] = P.ItemError(e.message, e.status)
         return out
 
+    def _singles(self, s: LoadedSAE, items: list[P.ShardItem]) -> list | None:
+        """activation/single's items, encoding only the features they ask for (one product for them all: a
+        feature costs ``d_in`` multiply-adds a position, not ``d_in * d_sae``); None where the SAE cannot encode
+        features apart (engine.features.encode_columns), and the items go with the others."""
+        out: list = [None] * len(items)
+        ok = []
+        for j, it in enumerate(items):
+            try:
+                check_index(it.op.index, s.spec.d_sae, s.spec.id)
+                ok.append(j)
+            except RequestError as e:
+                out[j] = P.ItemError(e.message, e.status)
+        if not ok:
+            return out
+        columns = sorted({items[j].op.index for j in ok})
+        acts = [items[j].acts for j in ok]
+        try:
+            feats = F.encode_columns(s.sae, acts[0] if len(acts) == 1 else np.concatenate(acts, axis=0), columns)
+        except RequestError as e:
+            for j in ok:
+                out[j] = P.ItemError(e.message, e.status)
+            return out
+        if feats is None:
+            return None
+        at = {c: k for k, c in enumerate(columns)}
+        for j, f in zip(ok, torch.split(feats, [a.shape[0] for a in acts])):
+            out[j] = single_answer(s, items[j], f, at[items[j].op.index])
+        return out
+
     @staticmethod
     def _plain_rank(item: P.ShardItem) -> bool:
         op = item.op
@@ -281,12 +328,7 @@ class SAEShard:
             return rows
         if isinstance(op, P.SingleOp):
             check_index(op.index, s.spec.d_sae, s.spec.id)
-            row = F.single_feature(feats, op.index, op.zero_positions, op.drop_first)
-            if item.dfa_inputs is not None:
-                offset = 1 if op.drop_first else 0  # DFA in the same coordinates as ``values``
-                full = F.direct_feature_attribution(F.encoder_matrix(s.sae), *item.dfa_inputs, op.index, row.max_value_index + offset)
-                row.dfa_values = full[offset:]
-            return row
+            return single_answer(s, item, feats)
         if isinstance(op, P.TopkOp):
             return F.topk_by_token(feats, op.top_k)
         if isinstance(op, P.ActiveOp):

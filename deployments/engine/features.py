@@ -7,6 +7,8 @@ top-k rows leave it.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -47,6 +49,48 @@ def encode(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
     return sae.encode(x).float()
 
 
+# Per-feature parameters of the SAE Lens architectures whose feature i depends only on column i of W_enc and entry
+# i of these (an elementwise activation after the linear map): slicing them gives those features' codes.
+_FEATURE_VECTORS = ("b_enc", "threshold", "b_gate", "r_mag", "b_mag")
+
+
+def _separable_types() -> tuple[type, ...]:
+    from sae_lens.saes.gated_sae import GatedSAE
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE
+    from sae_lens.saes.standard_sae import StandardSAE
+
+    return StandardSAE, JumpReLUSAE, GatedSAE
+
+
+def columns_view(sae, columns: torch.Tensor):
+    """A shallow copy of ``sae`` whose encoder has only ``columns`` (a long tensor on the SAE's device): its own
+    ``encode`` then gives those features' codes, ``[seq, len(columns)]``. None where features depend on each other
+    (TopK and its kin pick among all of them) or the architecture is not one of SAE Lens's separable ones (a
+    subclass may change the activation)."""
+    if type(sae) not in _separable_types():
+        return None
+    view = copy.copy(sae)  # shares every tensor and hook module; only the dicts below are its own
+    params = dict(sae._parameters)
+    params["W_enc"] = sae.W_enc[:, columns]
+    for name in _FEATURE_VECTORS:
+        if params.get(name) is not None:
+            params[name] = params[name][columns]
+    view._parameters = params
+    return view
+
+
+@torch.no_grad()
+def encode_columns(sae, acts: np.ndarray | torch.Tensor, columns: list[int]) -> torch.Tensor | None:
+    """``encode(sae, acts)[:, columns]`` (float32 ``[seq, len(columns)]``) without computing the other features: one
+    feature costs ``d_in`` multiply-adds a position instead of ``d_in * d_sae``. Equal to the full encode to float32
+    rounding (a matrix-vector product sums in another order than the full product). None where the SAE's features
+    cannot be computed apart (:func:`columns_view`): encode them all."""
+    view = columns_view(sae, torch.as_tensor(columns, dtype=torch.long, device=encoder_matrix(sae).device))
+    if view is None:
+        return None
+    return view.encode(_sae_input(sae, acts)).float()
+
+
 @torch.no_grad()
 def predicted_similarity(sae, acts: np.ndarray | torch.Tensor) -> np.ndarray:
     """util/similarity-matrix-pred: ``P = encode_with_predictions(x)[1][0]`` (the codes the temporal SAE predicts
@@ -68,9 +112,12 @@ def _first_argmax(values: torch.Tensor) -> tuple[float, int]:
     return float(m), idx
 
 
-def single_feature(feats: torch.Tensor, index: int, zero_positions: list[int], drop_first: bool) -> FeatureActivation:
-    """activation/single (SAE path): zero the given (BOS) positions, then drop position 0 if asked."""
-    col = feats[:, index].clone()
+def single_feature(feats: torch.Tensor, index: int, zero_positions: list[int], drop_first: bool,
+                   column: int | None = None) -> FeatureActivation:
+    """activation/single (SAE path): feature ``index``'s values, in ``feats``' column ``column`` (default: ``index``;
+    another when ``feats`` holds only some features' columns, :func:`encode_columns`), with the given (BOS) positions
+    zeroed, then position 0 dropped if asked."""
+    col = feats[:, index if column is None else column].clone()
     if zero_positions:
         col[zero_positions] = 0
     if drop_first:

@@ -143,6 +143,20 @@ def test_encode_on_device(pack_sae):
         assert F.rank_features(parts[0], 5, [], True, [1, 2, 3]) == F.rank_features(got.cpu(), 5, [], True, [1, 2, 3])
 
 
+def test_encode_columns_on_device(pack_sae):
+    """activation/single's few-column encode (the shard's path for it): its column index on the SAE's device."""
+    spec, sae = pack_sae
+    acts = np.random.default_rng(2).standard_normal((5, spec.d_in)).astype(np.float32)
+    full = F.encode(sae, acts)
+    with OffDevice() as dev:
+        got = F.encode_columns(_sae_on_other(spec, dev), acts, [3, 40, 41])
+        assert is_other(got) and got.dtype == torch.float32 and got.shape == (5, 3)
+        torch.testing.assert_close(got.cpu(), full[:, [3, 40, 41]], rtol=BLAS_RTOL, atol=BLAS_ATOL)
+        row, ref = F.single_feature(got, 40, [0], True, column=1), F.single_feature(full, 40, [0], True)
+        assert (row.index, row.max_value_index, len(row.values)) == (40, ref.max_value_index, 4)
+        np.testing.assert_allclose(row.values, ref.values, rtol=BLAS_RTOL, atol=BLAS_ATOL)
+
+
 def test_dfa_on_device(pack_dir, tmp_path):
     from tests import reference as R
 

@@ -154,6 +154,17 @@ def test_encode(encoded, dtype):
         assert not bad.any(), f"{dtype} {key} {prompt}: {int(bad.sum())} features out of bound"
 
 
+def test_encode_columns(encoded, saes, specs, ref_cache, dtype):
+    """activation/single's path in the shard: only the asked features' columns encoded, held to the full encode's
+    bound against float32 SAE Lens (the column product rounds as often as the full one)."""
+    for (key, prompt), (_, want, tol) in encoded.items():
+        cols = [0, 5, 6, want.shape[1] // 2, want.shape[1] - 1]
+        got = F.encode_columns(saes[key], ref_cache[prompt][specs[key].hook_name].numpy(), cols)
+        assert got.dtype == torch.float32 and got.shape == (want.shape[0], len(cols))
+        bad = (got - want[:, cols]).abs() > tol[:, cols]
+        assert not bad.any(), f"{dtype} {key} {prompt}: {int(bad.sum())} values out of bound"
+
+
 # --- ranking (activation/all), top-k by token, source --------------------------------------------------
 
 

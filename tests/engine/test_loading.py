@@ -265,6 +265,34 @@ def test_each_architecture_loads_and_encodes_like_sae_lens(arch_config, arch):
         assert int((a[0] != 0).sum()) <= 7
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_columns_per_architecture(arch_config, arch):
+    """activation/single encodes only its feature's column where features are computed apart (standard, JumpReLU,
+    gated: SAE Lens's own encode on the sliced parameters) and not for TopK, whose features compete; a subclass
+    (which may change the activation) is not trusted either."""
+    from deployments.engine import features as F
+
+    spec = {s.architecture: s for s in resolve_sae_specs("models/demo-lm", [], sae_config=str(arch_config))}[arch]
+    sae = load_sae(spec)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(4)) * 2
+    cols = [79, 0, 33, 34, 33]  # any order, repeats
+    got = F.encode_columns(sae, x.numpy(), cols)
+    if arch == "topk":
+        assert got is None
+        return
+    full = sae.encode(x)
+    assert (full[:, cols] > 0).any(), "vacuous: nothing fires"
+    # a JumpReLU value whose pre-activation lies within rounding of its threshold may fall either side
+    pre = x @ sae.W_enc + sae.b_enc if arch == "jumprelu" else None
+    clear = torch.ones_like(full[:, cols], dtype=torch.bool) if pre is None else \
+        (pre[:, cols] - sae.threshold[cols]).abs() > 1e-4
+    assert clear.float().mean() > 0.9
+    torch.testing.assert_close(got[clear], full[:, cols][clear], rtol=1e-5, atol=1e-5)
+    sub = type("Sub" + type(sae).__name__, (type(sae),), {})  # a registered variant of the class
+    sae.__class__ = sub
+    assert F.encode_columns(sae, x.numpy(), cols) is None
+
+
 def test_config_file_forms_and_paths(tmp_path, arch_config):
     src = arch_config.parent / "saes"
     (tmp_path / "dirset").mkdir()
