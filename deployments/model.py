@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from deployments import protocol as P
 from deployments.engine import features as F
 from deployments.engine.attention import sparse_pattern
 from deployments.engine.batching import Batcher
-from deployments.engine.capture import ModelRunner
+from deployments.engine.capture import ModelRunner, lane_parts
 from deployments.engine.compute import ComputeThread, burst_threads_for
 from deployments.engine.devices import check_device, release_cached_memory
 from deployments.engine.errors import Busy, Overloaded, RequestError, is_out_of_memory, translate_remote_error
@@ -80,7 +81,9 @@ class ModelDeployment:
         self._lens_counts = {"runs": 0, "active": 0, "finished": 0, "cancelled": 0, "failed": 0, "busy": 0,
                              "positions": 0, "generated": 0}
         self._metrics = ModelMetrics()
-        self._capture_counts = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0}
+        self._capture_counts = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0, "lane_batches": 0}
+        self.min_lane_work_s = 0.02  # a lane's least work for a batch to split (as generation steps, engine.generate)
+        self._token_s: float | None = None  # CPU-seconds per prompt token of the captures so far (a moving average)
         self._calls = collections.Counter()  # handle calls received (and made to SAEShard), per method
         # The SAEShard deployment, for the SAE half of feature jobs; one handle per SAE id, made once.
         self._sae_shard = sae_shard
@@ -168,13 +171,22 @@ class ModelDeployment:
 
     async def _run_batch(self, _key, items: list) -> list:
         """The Batcher's step: the forward pass only. The SAE calls run in a task of their own, so the next batch's
-        forward pass starts while this one's SAEs encode."""
-        captured = await self.compute.run(self._capture_items, items, light="capture" if len(items) == 1 else False)
+        forward pass starts while this one's SAEs encode. A lone prompt's pass may burst (engine.compute); a batch
+        worth splitting is a wide task, whose prompts split between lanes when no other replica computes."""
+        reqs = [it if isinstance(it, P.CaptureRequest) else P.CaptureRequest(it.tokens, self._job_hooks(it)) for it in items]
+        wide = len(reqs) > 1 and self.compute.max_lanes > 1 and self._worth_lanes(reqs) and self.runner.thread_safe(reqs)
+        captured = await self.compute.run(self._capture_items, items, reqs, light="capture" if len(items) == 1 else False,
+                                          wide=wide)
         fan_out = asyncio.ensure_future(self._fan_out(items, captured))
         return [(fan_out, i) for i in range(len(items))]
 
-    def _capture_items(self, items: list) -> list:
-        reqs = [it if isinstance(it, P.CaptureRequest) else P.CaptureRequest(it.tokens, self._job_hooks(it)) for it in items]
+    def _worth_lanes(self, reqs: list[P.CaptureRequest]) -> bool:
+        """Whether the batch's forward pass is work enough for two lanes (the demo pack's few milliseconds run slower
+        split, and a wide task keeps every other replica waiting while it runs): its tokens at the CPU-seconds per
+        token captures took so far."""
+        return self._token_s is not None and self._token_s * sum(len(r.tokens) for r in reqs) >= 2 * self.min_lane_work_s
+
+    def _capture_items(self, items: list, reqs: list[P.CaptureRequest]) -> list:
         acts = self._locked_capture(reqs)
         out = []
         for it, a in zip(items, acts):
@@ -264,8 +276,20 @@ class ModelDeployment:
 
     def _locked_capture(self, requests: list[P.CaptureRequest]):
         with self._model_lock:
-            t0 = time.monotonic()
-            out = self.runner.capture(requests)
+            t0, cpu0 = time.monotonic(), time.thread_time()
+            parts = lane_parts([len(r.tokens) for r in requests], self.compute.lanes)
+            if len(parts) == 1:
+                out = self.runner.capture(requests)
+            else:  # a wide task given lanes: each captures a run of like-length prompts (engine.capture.lane_parts)
+                out = [None] * len(requests)
+                done = self.compute.parallel([functools.partial(self.runner.capture, [requests[i] for i in p]) for p in parts])
+                for p, acts in zip(parts, done):
+                    for i, a in zip(p, acts):
+                        out[i] = a
+                self._capture_counts["lane_batches"] += 1
+            # this thread's CPU time, times the lanes that each did about as much
+            per_token = (time.thread_time() - cpu0) * len(parts) / max(1, sum(len(r.tokens) for r in requests))
+            self._token_s = per_token if self._token_s is None else 0.7 * self._token_s + 0.3 * per_token
         st = self._capture_counts
         st["batches"] += 1
         st["prompts"] += len(requests)
@@ -278,7 +302,8 @@ class ModelDeployment:
         """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started
         (``lean_passes`` / ``hooked_passes``: forward passes through engine.decoder / TransformerLens's hooks);
         handle calls received and made (``calls``: features, capture, shard_run = calls made to SAEShard); its
-        compute thread's tasks (``compute``: how many ran, how many as CPU bursts)."""
+        compute thread's tasks (``compute``: how many ran, how many as CPU bursts); ``lane_batches``: batches whose prompts
+        split between lanes (a wide task on an otherwise idle CPU)."""
         return {**self._capture_counts, **self.runner.stats, "calls": dict(self._calls),
                 "compute": dict(self.compute.stats)}
 

@@ -76,6 +76,11 @@ class ModelRunner:
         if hook not in self._hook_shapes:
             raise RequestError(f"Unknown hook: {hook}. Hooks look like blocks.0.hook_resid_post")
 
+    def thread_safe(self, requests: list[CaptureRequest]) -> bool:
+        """Whether these requests' capture may run on several threads at once: engine.decoder's forward pass only
+        reads shared state; TransformerLens's hooks are registered on the model for the duration of a pass."""
+        return self.decoder is not None and self.decoder.can_capture(sorted({h for r in requests for h in r.hooks}))
+
     def capture(self, requests: list[CaptureRequest]) -> list[dict[str, np.ndarray]]:
         """Activations at each request's hooks, ``{hook: float32 [len, ...]}`` per request.
 
@@ -120,6 +125,31 @@ class ModelRunner:
             )
         host = {h: cache[h].float().cpu().numpy() for h in hooks}
         return [{h: _unpad(h, host[h][i], n) for h in r.hooks} for i, (r, n) in enumerate(zip(requests, lengths))]
+
+
+def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
+    """Indexes of prompts of ``lengths`` in at most ``lanes`` parts, for one padded capture each on its own thread:
+    the prompts sorted by length and cut into runs so that the costliest part (its prompts times its longest, the
+    positions its forward pass computes) is as cheap as it can be."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    w = max(1, min(lanes, len(order)))
+
+    def pack(bound: int) -> list[list[int]]:  # greedy runs of cost <= bound (optimal for sorted lengths)
+        parts: list[list[int]] = [[]]
+        for i in order:
+            if parts[-1] and (len(parts[-1]) + 1) * lengths[i] > bound:
+                parts.append([])
+            parts[-1].append(i)
+        return parts
+
+    lo, hi = max(lengths, default=0), len(order) * max(lengths, default=0)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(pack(mid)) <= w:
+            hi = mid
+        else:
+            lo = mid + 1
+    return pack(lo)
 
 
 def _unpad(hook: str, act: np.ndarray, n: int) -> np.ndarray:
