@@ -46,6 +46,12 @@ class ModelMetrics:
                                        boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
 
 
+def shard_batch(entries: list[tuple[int, int, P.ShardItem]]) -> P.ShardBatch:
+    """One SAEShard call's items, from ``(job, task, item)`` entries of a model batch: ``one_request`` when they
+    are all one job's (a lone request: the shard may burst its encodes, as a lone prompt's capture bursts)."""
+    return P.ShardBatch([item for *_, item in entries], one_request=len({job for job, *_ in entries}) == 1)
+
+
 @serve.deployment(
     name="ModelDeployment",
     ray_actor_options={"num_cpus": 0.5},
@@ -241,9 +247,8 @@ class ModelDeployment:
     async def _send(self, groups: list[list[str]], by_sae: dict, per_item: list) -> list[str]:
         """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
         self._calls["shard_run"] += len(groups)
-        answers = await asyncio.gather(
-            *(self._shard(g[0]).run.remote(P.ShardBatch([x for sae_id in g for *_, x in by_sae[sae_id]]))
-              for g in groups), return_exceptions=True)
+        answers = await asyncio.gather(*(self._shard(g[0]).run.remote(shard_batch([e for sae_id in g for e in by_sae[sae_id]]))
+                                         for g in groups), return_exceptions=True)
         retry: list[str] = []
         for g, answer in zip(groups, answers):
             entries = [e for sae_id in g for e in by_sae[sae_id]]

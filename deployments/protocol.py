@@ -235,6 +235,9 @@ class ShardBatch:
     only if that replica holds them (else ``NotHere``, and the caller sends them on their own)."""
 
     items: list[ShardItem]
+    # all of one request's: its encodes may use more threads while no other replica computes (engine.compute), as a
+    # lone prompt's capture does
+    one_request: bool = False
 
 
 @dataclass

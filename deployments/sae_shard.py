@@ -352,7 +352,7 @@ class SAEShard:
                         self.stats["requests"] += 1
                         self._metrics.hits.inc()
                 results = await self.compute.run(self._run_items, saes, batch.items,
-                                                 light="encode" if len(batch.items) == 1 else False)
+                                                 light="encode" if len(batch.items) == 1 or batch.one_request else False)
         return P.ShardReply(results, self.replica_id)
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:
