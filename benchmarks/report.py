@@ -63,7 +63,8 @@ def render(results: list[dict]) -> str:
                 for k, v in r["baseline_runs"]["before"].items() if k in r["baseline_runs"]["after"]) + ")"
                if r.get("baseline_runs") else "")
             + (f"; load generator: {s['client']}" if s.get("client") else "")
-            + ("" if r.get("steer_served") else "; steering not served by this checkout") + ".",
+            + ("" if r.get("steer_served") else "; steering not served by this checkout") + "."
+            + (f" {r['note'][0].upper()}{r['note'][1:]}." if r.get("note") else ""),
             "",
         ]
         if r.get("baseline"):
