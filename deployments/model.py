@@ -25,7 +25,7 @@ from deployments.engine import features as F
 from deployments.engine.attention import sparse_pattern
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import ModelRunner, lane_parts
-from deployments.engine.compute import ComputeThread, burst_threads_for
+from deployments.engine.compute import MIN_LANE_WORK_S, ComputeThread, burst_threads_for, moving_average, work_since
 from deployments.engine.devices import check_device, release_cached_memory
 from deployments.engine.errors import Busy, Overloaded, RequestError, is_out_of_memory, translate_remote_error
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
@@ -88,7 +88,7 @@ class ModelDeployment:
                              "positions": 0, "generated": 0}
         self._metrics = ModelMetrics()
         self._capture_counts = {"batches": 0, "prompts": 0, "tokens": 0, "forward_s": 0.0, "max_batch": 0, "lane_batches": 0}
-        self.min_lane_work_s = 0.02  # a lane's least work for a batch to split (as generation steps, engine.generate)
+        self.min_lane_work_s = MIN_LANE_WORK_S  # a lane's least work for a capture batch to split
         self._token_s: float | None = None  # CPU-seconds per prompt token of the captures so far (a moving average)
         self._calls = collections.Counter()  # handle calls received (and made to SAEShard), per method
         # The SAEShard deployment, for the SAE half of feature jobs; one handle per SAE id, made once.
@@ -247,11 +247,11 @@ class ModelDeployment:
     async def _send(self, groups: list[list[str]], by_sae: dict, per_item: list) -> list[str]:
         """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
         self._calls["shard_run"] += len(groups)
-        answers = await asyncio.gather(*(self._shard(g[0]).run.remote(shard_batch([e for sae_id in g for e in by_sae[sae_id]]))
-                                         for g in groups), return_exceptions=True)
+        per_group = [[e for sae_id in g for e in by_sae[sae_id]] for g in groups]
+        answers = await asyncio.gather(*(self._shard(g[0]).run.remote(shard_batch(entries))
+                                         for g, entries in zip(groups, per_group)), return_exceptions=True)
         retry: list[str] = []
-        for g, answer in zip(groups, answers):
-            entries = [e for sae_id in g for e in by_sae[sae_id]]
+        for g, entries, answer in zip(groups, per_group, answers):
             if isinstance(answer, BaseException):
                 err = translate_remote_error(answer)
                 for sae_id in g:
@@ -292,9 +292,8 @@ class ModelDeployment:
                     for i, a in zip(p, acts):
                         out[i] = a
                 self._capture_counts["lane_batches"] += 1
-            # this thread's CPU time, times the lanes that each did about as much
-            per_token = (time.thread_time() - cpu0) * len(parts) / max(1, sum(len(r.tokens) for r in requests))
-            self._token_s = per_token if self._token_s is None else 0.7 * self._token_s + 0.3 * per_token
+            self._token_s = moving_average(self._token_s,
+                                           work_since(cpu0, len(parts)) / max(1, sum(len(r.tokens) for r in requests)))
         st = self._capture_counts
         st["batches"] += 1
         st["prompts"] += len(requests)

@@ -212,10 +212,9 @@ class SAEShard:
             for i in raw:
                 out[i] = self._on_activations(s, items[i])
             idx = [i for i in idx if not isinstance(items[i].op, P.SimilarityOp)]
-            singles = [i for i in idx if isinstance(items[i].op, P.SingleOp)]
-            answers = self._singles(s, [items[i] for i in singles]) if singles else None
-            if answers is not None:
-                for i, r in zip(singles, answers):
+            if F.separable(s.sae):  # activation/single: only the asked features' columns
+                singles = [i for i in idx if isinstance(items[i].op, P.SingleOp)]
+                for i, r in zip(singles, self._singles(s, [items[i] for i in singles])):
                     out[i] = r
                 idx = [i for i in idx if not isinstance(items[i].op, P.SingleOp)]
             # a sequence SAE attends over its prompt: stacking prompts along positions would mix them
@@ -267,10 +266,10 @@ class SAEShard:
                         out[i] = P.ItemError(e.message, e.status)
         return out
 
-    def _singles(self, s: LoadedSAE, items: list[P.ShardItem]) -> list | None:
-        """activation/single's items, encoding only the features they ask for (one product for them all: a
-        feature costs ``d_in`` multiply-adds a position, not ``d_in * d_sae``); None where the SAE cannot encode
-        features apart (engine.features.encode_columns), and the items go with the others."""
+    @staticmethod
+    def _singles(s: LoadedSAE, items: list[P.ShardItem]) -> list:
+        """activation/single's items of a separable SAE, encoding only the features they ask for (one product for
+        them all: a feature costs ``d_in`` multiply-adds a position, not ``d_in * d_sae``)."""
         out: list = [None] * len(items)
         ok = []
         for j, it in enumerate(items):
@@ -289,8 +288,6 @@ class SAEShard:
             for j in ok:
                 out[j] = P.ItemError(e.message, e.status)
             return out
-        if feats is None:
-            return None
         at = {c: k for k, c in enumerate(columns)}
         for j, f in zip(ok, torch.split(feats, [a.shape[0] for a in acts])):
             out[j] = single_answer(s, items[j], f, at[items[j].op.index])

@@ -50,6 +50,24 @@ T = TypeVar("T")
 
 DEFAULT_LOCK_PATH = os.path.join(tempfile.gettempdir(), "saeserve-cpu.lock")
 
+# A lane's least work for a wide task (a decode or prefill step, a capture batch) to split: a tiny model's
+# millisecond step runs slower split, the hand-over costing more than it saves.
+MIN_LANE_WORK_S = 0.02
+
+
+def moving_average(old: float | None, new: float) -> float:
+    """The running estimates of work here (per kind of task, per step, per token): recent tasks weigh most."""
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
+def work_since(t0: float, lanes: int = 1) -> float:
+    """On a compute thread: the CPU-seconds of work since ``t0`` (a ``time.thread_time()``), this thread's CPU time
+    times its torch threads (a burst's team) and the ``lanes`` that each did about as much. Not wall time, which
+    other processes' load inflates."""
+    import torch
+
+    return (time.thread_time() - t0) * torch.get_num_threads() * lanes
+
 
 def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by this process's cgroup quota (a container's CPU limit), or None when there is none."""
@@ -234,9 +252,7 @@ class ComputeThread:
     def _record(self, kind: str, seconds: float, threads: int) -> None:
         # CPU-seconds of work: this thread's CPU time (not wall time, which other processes' load inflates) times
         # the threads that shared it (about right for a burst's evenly split ops)
-        work = seconds * threads
-        old = self._work.get(kind)
-        self._work[kind] = work if old is None else 0.7 * old + 0.3 * work
+        self._work[kind] = moving_average(self._work.get(kind), seconds * threads)
 
     def _task(self, fn: Callable[[], T], light: bool | str, wide: bool = False) -> T:
         with self._count_lock:

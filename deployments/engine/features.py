@@ -54,21 +54,22 @@ def encode(sae, acts: np.ndarray | torch.Tensor) -> torch.Tensor:
 _FEATURE_VECTORS = ("b_enc", "threshold", "b_gate", "r_mag", "b_mag")
 
 
-def _separable_types() -> tuple[type, ...]:
+def separable(sae) -> bool:
+    """Whether each of the SAE's features can be encoded apart (:func:`encode_columns`): SAE Lens's standard,
+    JumpReLU and gated SAEs. Not TopK and its kin, whose features compete, nor a subclass, which may change the
+    activation."""
     from sae_lens.saes.gated_sae import GatedSAE
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE
     from sae_lens.saes.standard_sae import StandardSAE
 
-    return StandardSAE, JumpReLUSAE, GatedSAE
+    return type(sae) in (StandardSAE, JumpReLUSAE, GatedSAE)
 
 
 def columns_view(sae, columns: torch.Tensor):
-    """A shallow copy of ``sae`` whose encoder has only ``columns`` (a long tensor on the SAE's device): its own
-    ``encode`` then gives those features' codes, ``[seq, len(columns)]``. None where features depend on each other
-    (TopK and its kin pick among all of them) or the architecture is not one of SAE Lens's separable ones (a
-    subclass may change the activation)."""
-    if type(sae) not in _separable_types():
-        return None
+    """A shallow copy of a :func:`separable` ``sae`` whose encoder has only ``columns`` (a long tensor on the SAE's
+    device): its own ``encode`` then gives those features' codes, ``[seq, len(columns)]``."""
+    if not separable(sae):
+        raise ValueError(f"{type(sae).__name__}'s features cannot be encoded apart")
     view = copy.copy(sae)  # shares every tensor and hook module; only the dicts below are its own
     params = dict(sae._parameters)
     params["W_enc"] = sae.W_enc[:, columns]
@@ -80,14 +81,12 @@ def columns_view(sae, columns: torch.Tensor):
 
 
 @torch.no_grad()
-def encode_columns(sae, acts: np.ndarray | torch.Tensor, columns: list[int]) -> torch.Tensor | None:
-    """``encode(sae, acts)[:, columns]`` (float32 ``[seq, len(columns)]``) without computing the other features: one
-    feature costs ``d_in`` multiply-adds a position instead of ``d_in * d_sae``. Equal to the full encode to float32
-    rounding (a matrix-vector product sums in another order than the full product). None where the SAE's features
-    cannot be computed apart (:func:`columns_view`): encode them all."""
+def encode_columns(sae, acts: np.ndarray | torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """``encode(sae, acts)[:, columns]`` (float32 ``[seq, len(columns)]``) of a :func:`separable` SAE without
+    computing the other features: one feature costs ``d_in`` multiply-adds a position instead of ``d_in * d_sae``.
+    Equal to the full encode to float32 rounding (a matrix-vector product sums in another order than the full
+    product)."""
     view = columns_view(sae, torch.as_tensor(columns, dtype=torch.long, device=encoder_matrix(sae).device))
-    if view is None:
-        return None
     return view.encode(_sae_input(sae, acts)).float()
 
 

@@ -48,6 +48,7 @@ import torch
 from ..protocol import MAX_LOGPROBS, METHODS, GenerationRequest, StepEvent, torch_seed  # noqa: F401 (re-exported)
 from ..steer_vectors import FLOAT32_MAX, check_steer_numbers
 from . import sampling
+from .compute import MIN_LANE_WORK_S, moving_average, work_since
 from .decoder import ROW_MULTIPLE, SharedPrefix, SlotDecoder, UnsupportedModel, round_up
 from .errors import Overloaded, RequestError
 from .steering import SlotSteering
@@ -97,7 +98,7 @@ class GenerationEngine:
 
     def __init__(self, model, capacity: int = DEFAULT_CAPACITY, max_len: Optional[int] = None,
                  fixed_shapes: Optional[bool] = None, prefill_tokens: int = 2048, compute=None,
-                 min_lane_work_s: float = 0.02):
+                 min_lane_work_s: float = MIN_LANE_WORK_S):
         self.model = model
         # ``compute``: the ComputeThread whose wide tasks step this engine; a step given several lanes splits its
         # rows between them once decode steps do at least ``min_lane_work_s`` of work (a tiny model's millisecond
@@ -609,8 +610,7 @@ class GenerationEngine:
             parts = [()]
             logits = self.decoder.forward(tok[:, None], pos[:, None], rows, idx, self.steering, where, bad, span=span)
             out = self._choose(logits, rows, idx, slots, bad, active=act)
-        # this thread's CPU time times its lanes: about the step's work, whatever else loads the machine
-        self._work_s = 0.7 * self._work_s + 0.3 * (time.thread_time() - t0) * len(parts)
+        self._work_s = moving_average(self._work_s, work_since(t0, len(parts)))
         self.pos[rows] = pos + act.long()
         self.stats["decode_steps"] += 1
         self.stats["computed_rows"] += idx.shape[0]

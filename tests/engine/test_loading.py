@@ -268,18 +268,21 @@ def test_each_architecture_loads_and_encodes_like_sae_lens(arch_config, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_encode_columns_per_architecture(arch_config, arch):
     """activation/single encodes only its feature's column where features are computed apart (standard, JumpReLU,
-    gated: SAE Lens's own encode on the sliced parameters) and not for TopK, whose features compete; a subclass
-    (which may change the activation) is not trusted either."""
+    gated: SAE Lens's own encode on the sliced parameters) and not for TopK, whose features compete (the shard then
+    encodes them all); a subclass (which may change the activation) is not trusted either."""
     from deployments.engine import features as F
 
     spec = {s.architecture: s for s in resolve_sae_specs("models/demo-lm", [], sae_config=str(arch_config))}[arch]
     sae = load_sae(spec)
     x = torch.randn(9, 32, generator=torch.Generator().manual_seed(4)) * 2
     cols = [79, 0, 33, 34, 33]  # any order, repeats
-    got = F.encode_columns(sae, x.numpy(), cols)
     if arch == "topk":
-        assert got is None
+        assert not F.separable(sae)
+        with pytest.raises(ValueError, match="cannot be encoded apart"):
+            F.encode_columns(sae, x.numpy(), cols)
         return
+    assert F.separable(sae)
+    got = F.encode_columns(sae, x.numpy(), cols)
     full = sae.encode(x)
     assert (full[:, cols] > 0).any(), "vacuous: nothing fires"
     # a JumpReLU value whose pre-activation lies within rounding of its threshold may fall either side
@@ -290,7 +293,9 @@ def test_encode_columns_per_architecture(arch_config, arch):
     torch.testing.assert_close(got[clear], full[:, cols][clear], rtol=1e-5, atol=1e-5)
     sub = type("Sub" + type(sae).__name__, (type(sae),), {})  # a registered variant of the class
     sae.__class__ = sub
-    assert F.encode_columns(sae, x.numpy(), cols) is None
+    assert not F.separable(sae)
+    with pytest.raises(ValueError, match="cannot be encoded apart"):
+        F.encode_columns(sae, x.numpy(), cols)
 
 
 def test_config_file_forms_and_paths(tmp_path, arch_config):
