@@ -25,7 +25,7 @@ from deployments.engine import features as F
 from deployments.engine.attention import sparse_pattern
 from deployments.engine.batching import Batcher
 from deployments.engine.capture import ModelRunner, lane_parts
-from deployments.engine.compute import MIN_LANE_WORK_S, ComputeThread, burst_threads_for, moving_average, work_since
+from deployments.engine.compute import MIN_LANE_WORK_S, SHARED_LANES, ComputeThread, burst_threads_for, moving_average, work_since
 from deployments.engine.devices import check_device, release_cached_memory
 from deployments.engine.errors import Busy, Overloaded, RequestError, is_out_of_memory, translate_remote_error
 from deployments.engine.generate import GenerationRequest, GenerationScheduler
@@ -64,9 +64,10 @@ class ModelDeployment:
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.0,
                  generate_rows: int = 64, generate_positions: int | None = None, generate_fixed_shapes: bool | None = None,
                  torch_threads: int | None = None, burst_torch_threads: int | None = None, sae_shard=None,
-                 jacobian_lens: str | None = None):
+                 jacobian_lens: str | None = None, shared_lanes: int = SHARED_LANES):
         self.device = resolve_device(device)
-        self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
+        self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads),
+                                     shared_lanes=shared_lanes)
         self.runner = self.compute.call(
             lambda: ModelRunner(load_model(model, self.device, dtype, override_model_id), self.device, lean=False))
         # Capture and generation take turns on the model: each decode step is one compute task, so a capture waits

@@ -5,14 +5,16 @@ already holds it, a miss loads it (once, under Serve's loader lock), and each re
 ``max_loaded_saes`` SAEs and ``max_sae_bytes`` bytes (LRU; an SAE in use is never evicted). ``run`` takes a whole
 model batch's items in one call (ModelDeployment sends them): the items of the SAE it is routed by, plus those of
 any other SAE this replica holds, so one call serves every SAE a replica holds; each SAE's items are encoded as one
-matmul. An item that fails gets its own error in its place. Dense ``[seq, d_sae]`` activations never leave the
-replica.
+matmul. A call worth two lanes' work (by the CPU-seconds per multiply-add of earlier calls) is a wide task
+(engine.compute): given lanes, its items split into groups of about equal work, each answered on its own thread.
+An item that fails gets its own error in its place. Dense ``[seq, d_sae]`` activations never leave the replica.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -27,7 +29,8 @@ from deployments import protocol as P
 from deployments.checks import check_index
 from deployments.engine import features as F
 from deployments.engine import geometry as G
-from deployments.engine.compute import ComputeThread, burst_threads_for
+from deployments.engine.compute import (MIN_LANE_WORK_S, SHARED_LANES, ComputeThread, burst_threads_for, lane_groups,
+                                        moving_average, work_since)
 from deployments.engine.devices import check_device, release_cached_memory, same_device, sae_budget_bytes
 from deployments.engine.errors import RequestError, is_out_of_memory
 from deployments.engine.loading import load_sae, parse_dtype, resolve_device, sae_nbytes
@@ -97,6 +100,15 @@ def _gpu_share() -> float | None:
         return None
 
 
+def _replica_id() -> str:
+    """This Serve replica's id (ModelDeployment routes an SAE back to the replica that answered for it), or "local"
+    outside a replica (the class run in process, as tests do)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - Serve raises RayServeException outside a replica
+        return "local"
+
+
 def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
     """``LoadedSAE.nbytes`` of this SAE before it is loaded (a standard SAE's parameters: W_enc, W_dec, b_enc,
     b_dec; other architectures differ by a few ``d_sae`` vectors), to make room for it first."""
@@ -116,11 +128,13 @@ def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
 class SAEShard:
     def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
                  max_sae_bytes: int | None = None, encode_batch_size: int = 16,
-                 torch_threads: int | None = None, burst_torch_threads: int | None = None):
+                 torch_threads: int | None = None, burst_torch_threads: int | None = None,
+                 shared_lanes: int = SHARED_LANES):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
         self.device = resolve_device(device)
         # every torch op of this replica runs here
-        self.compute = ComputeThread("sae-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads))
+        self.compute = ComputeThread("sae-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads),
+                                     shared_lanes=shared_lanes)
         self.dtype = dtype
         self.max_loaded_saes = max_loaded_saes
         # on a GPU with no cap given, the replica's share of the card bounds what its SAEs may hold
@@ -129,7 +143,9 @@ class SAEShard:
         self.max_sae_bytes = max_sae_bytes
         if self.max_sae_bytes is not None:
             log.info("SAE budget of this replica: %.2f GB (weights and cosine indexes)", self.max_sae_bytes / 1e9)
-        self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0}
+        self.stats = {"requests": 0, "loads": 0, "evictions": 0, "load_seconds": 0.0, "lane_batches": 0}
+        self.min_lane_work_s = MIN_LANE_WORK_S  # a lane's least work for a call's items to split
+        self._madd_s: float | None = None  # CPU-seconds per multiply-add of the calls so far (a moving average)
         self._calls = collections.Counter()  # handle calls received, per method (the benchmark's calls per request)
         self._metrics = ShardMetrics()
         # SAE Lens (and TransformerLens under it) is imported by the first load; import it now, while the replica
@@ -144,7 +160,7 @@ class SAEShard:
         self._loader = load  # Serve keeps its cache (``__serve_multiplex_wrapper``) on the loader function
         self._get = serve.multiplexed(max_num_models_per_replica=-1)(load)
         self.encode_batch_size = encode_batch_size
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = _replica_id()
 
     # --- residency -----------------------------------------------------------------------------------
 
@@ -197,10 +213,52 @@ class SAEShard:
             self._metrics.resident.set(len(resident))
             self._metrics.resident_bytes.set(sum(m.nbytes for m in resident.values()))
 
+    @staticmethod
+    def _madds(saes: dict[str, LoadedSAE], item: P.ShardItem) -> int:
+        """An item's encode in multiply-adds (its positions times the SAE's ``d_in`` and encoded features: one for a
+        separable SAE's activation/single, which encodes only its column), to weigh items against each other."""
+        s = saes.get(item.sae_id)
+        if s is None:
+            return 0
+        width = 1 if isinstance(item.op, P.SingleOp) and F.separable(s.sae) else s.spec.d_sae
+        return item.acts.shape[0] * s.spec.d_in * width
+
+    def _worth_lanes(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem]) -> bool:
+        """Whether a call's items are work enough for two lanes (the demo pack's milliseconds run slower split): their
+        multiply-adds at the CPU-seconds per multiply-add of the calls so far."""
+        return (len(items) > 1 and self.compute.max_lanes > 1 and self._madd_s is not None
+                and self._madd_s * sum(self._madds(saes, it) for it in items) >= 2 * self.min_lane_work_s)
+
     def _run_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem]) -> list:
-        """Every item's answer (on the compute thread): per SAE, its items' activations encoded as one matmul (in
-        chunks of ``encode_batch_size`` prompts), then each item's operation (plain rankings of a chunk together,
-        engine.features.rank_many). A failing item gets an ItemError."""
+        """Every item's answer (on the compute thread), split between the task's lanes when it has more than one:
+        items in groups of about equal multiply-adds (engine.compute.lane_groups), each answered on its own thread
+        as :meth:`_answer_items` answers them all."""
+        t0 = time.thread_time()
+        madds = [self._madds(saes, it) for it in items]
+        groups = lane_groups(madds, self.compute.lanes) if self.compute.lanes > 1 else [list(range(len(items)))]
+        sizes: list[list[int]] = [[] for _ in groups]  # each group's encode chunk sizes (observed here, not in lanes)
+        if len(groups) == 1:
+            out = self._answer_items(saes, items, sizes[0])
+        else:
+            out = [None] * len(items)
+            done = self.compute.parallel([functools.partial(self._answer_items, saes, [items[i] for i in g], n)
+                                          for g, n in zip(groups, sizes)])
+            for g, answers in zip(groups, done):
+                for i, a in zip(g, answers):
+                    out[i] = a
+            self.stats["lane_batches"] += 1
+        for n in sizes:
+            for k in n:
+                self._metrics.encode_batch_size.observe(k)
+        if sum(madds):
+            self._madd_s = moving_average(self._madd_s, work_since(t0, len(groups)) / sum(madds))
+        return out
+
+    def _answer_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem], chunk_sizes: list[int]) -> list:
+        """Every item's answer: per SAE, its items' activations encoded as one matmul (in chunks of
+        ``encode_batch_size`` prompts, whose sizes go to ``chunk_sizes``), then each item's operation (plain rankings
+        of a chunk together, engine.features.rank_many). A failing item gets an ItemError. Touches nothing shared
+        but the SAEs' weights, which it only reads: lanes run it side by side."""
         out: list = [P.NotHere()] * len(items)
         by_sae: dict[str, list[int]] = {}
         for i, it in enumerate(items):
@@ -222,7 +280,7 @@ class SAEShard:
             for k in range(0, len(idx), step):
                 chunk = idx[k:k + step]
                 acts = [items[i].acts for i in chunk]
-                self._metrics.encode_batch_size.observe(len(chunk))
+                chunk_sizes.append(len(chunk))
                 try:
                     feats = F.encode(s.sae, acts[0] if len(acts) == 1 else np.concatenate(acts, axis=0))
                     parts = torch.split(feats, [a.shape[0] for a in acts]) if len(acts) > 1 else (feats,)
@@ -349,7 +407,9 @@ class SAEShard:
                         self.stats["requests"] += 1
                         self._metrics.hits.inc()
                 results = await self.compute.run(self._run_items, saes, batch.items,
-                                                 light="encode" if len(batch.items) == 1 or batch.one_request else False)
+                                                 light="encode" if len(batch.items) == 1 or batch.one_request else False,
+                                                 # one request's few items split unevenly: it bursts instead
+                                                 wide=not batch.one_request and self._worth_lanes(saes, batch.items))
         return P.ShardReply(results, self.replica_id)
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:

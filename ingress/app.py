@@ -242,12 +242,13 @@ def build_app(args: AppArgs) -> Application:
 
     shard = deployment(SAEShard).bind([x.to_dict() for x in specs], gpus.device, s.dtype, s.max_loaded, s.max_bytes,
                                       b.encode_batch_size, torch_threads=b.torch_threads,
-                                      burst_torch_threads=b.burst_torch_threads)
+                                      burst_torch_threads=b.burst_torch_threads, shared_lanes=b.shared_lanes)
     model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model.dtype, args.model.override,
                                              b.capture_batch_size, b.capture_batch_wait_s,
                                              generate_rows=b.generate_rows,
                                              generate_positions=args.limits.token_limit + args.limits.max_completion_tokens,
                                              generate_fixed_shapes=b.generate_fixed_shapes, torch_threads=b.torch_threads,
-                                             burst_torch_threads=b.burst_torch_threads, sae_shard=shard,
+                                             burst_torch_threads=b.burst_torch_threads, shared_lanes=b.shared_lanes,
+                                             sae_shard=shard,
                                              jacobian_lens=resolve_jacobian_lens(model_path, args.model.jacobian_lens))
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

@@ -117,6 +117,9 @@ class BatchingArgs(Section):
     burst_torch_threads: Optional[int] = Field(None, ge=0, description="CPU only: torch threads for a lone request's work "
                                                "while no other replica on the machine computes; none = every CPU the "
                                                "replica may use, 0 = off")
+    shared_lanes: int = Field(2, ge=1, description="CPU only, where replicas run torch on one thread: the most threads a "
+                              "big enough capture batch, shard call or generation step splits between while other "
+                              "replicas compute (at most burst_torch_threads); 1 = split only on an otherwise idle CPU")
 
 
 class AuthArgs(Section):

@@ -125,7 +125,7 @@ def test_a_lone_light_task_bursts_and_everything_else_runs_narrow(lock_path):
 
         assert asyncio.run(crowd()) == [1, 1, 1, 1, 2]
         assert threads_of(c, light=True) == 2
-        assert c.stats == {"tasks": 10, "burst_tasks": 3, "wide_tasks": 0}
+        assert c.stats == {"tasks": 10, "burst_tasks": 3, "wide_tasks": 0, "shared_wide_tasks": 0}
     finally:
         c.shutdown()
 
@@ -268,7 +268,13 @@ def test_only_kinds_of_task_heavy_enough_burst(lock_path):
 def _lanes_seen(c: ComputeThread) -> tuple[int, list[int]]:
     """A wide task's lanes, and the narrow thread counts of the threads ``parallel`` ran its parts on."""
     def task():
-        got = c.parallel([lambda: (threading.get_ident(), torch.get_num_threads())] * c.lanes)
+        met = threading.Barrier(c.lanes)  # every part waits for the others: none can run on a thread another used
+
+        def part():
+            met.wait(10)
+            return threading.get_ident(), torch.get_num_threads()
+
+        got = c.parallel([part] * c.lanes)
         assert len({t for t, _ in got}) == len(got)  # each part on a thread of its own
         return c.lanes, [n for _, n in got]
 
@@ -278,16 +284,16 @@ def _lanes_seen(c: ComputeThread) -> tuple[int, list[int]]:
     return asyncio.run(main())
 
 
-def test_a_wide_task_gets_lanes_only_while_nobody_else_computes_or_waits(lock_path):
+def test_a_wide_task_gets_every_lane_only_while_nobody_else_computes_or_waits(lock_path):
     other = CPULock(lock_path)
-    c = ComputeThread("w", torch_threads=1, burst_threads=2, lock_path=lock_path)
+    c = ComputeThread("w", torch_threads=1, burst_threads=3, lock_path=lock_path)
     try:
-        assert _lanes_seen(c) == (2, [1, 1])  # idle machine: two lanes of one thread each
+        assert _lanes_seen(c) == (3, [1, 1, 1])  # idle machine: three lanes of one thread each
         assert c.lanes == 1 and c.call(lambda: c.lanes) == 1  # only inside the wide task
-        assert other.shared()  # another replica computing: one lane
-        assert _lanes_seen(c) == (1, [1])
+        assert other.shared()  # another replica computing: the shared lanes (2), holding the lock shared
+        assert _lanes_seen(c) == (2, [1, 1])
         other.release()
-        # another replica waiting for our lock (held by a wide task) registers, and the next wide task is narrow
+        # another replica waiting for our lock (held by a wide task) registers, and the next wide task is narrower
         hold, go = threading.Event(), threading.Event()
         fut = c._submit(lambda: (hold.set(), go.wait(10)), False, True)
         assert hold.wait(10)
@@ -300,7 +306,34 @@ def test_a_wide_task_gets_lanes_only_while_nobody_else_computes_or_waits(lock_pa
         waiter.join(10)
         assert other.idle_exclusive()  # nobody waits any more
         other.release()
-        assert c.stats["wide_tasks"] == 2
+        assert c.stats["wide_tasks"] == 2 and c.stats["shared_wide_tasks"] == 1
+    finally:
+        c.shutdown()
+
+
+def test_shared_lanes_only_where_each_lane_is_one_torch_thread(lock_path):
+    """While others compute, a wide task splits only into single-threaded lanes (a preempted one stalls only its
+    own rows), at most ``shared_lanes`` of them; a wider team stays one lane (a preempted member stalls it all)."""
+    other = CPULock(lock_path)
+    assert other.shared()
+    try:
+        for kwargs, want in [({"torch_threads": 1, "burst_threads": 2}, (2, [1, 1])),
+                             ({"torch_threads": 1, "burst_threads": 2, "shared_lanes": 1}, (1, [1])),
+                             ({"torch_threads": 2, "burst_threads": 4}, (1, [2]))]:
+            c = ComputeThread("s", lock_path=lock_path, **kwargs)
+            try:
+                assert _lanes_seen(c) == want, kwargs
+                assert c.stats["shared_wide_tasks"] == (want[0] > 1)
+            finally:
+                c.shutdown()
+    finally:
+        other.release()
+    with pytest.raises(ValueError):
+        ComputeThread("s", shared_lanes=0)
+    # and nobody computing: every lane, the wider team's too
+    c = ComputeThread("s", torch_threads=2, burst_threads=4, lock_path=lock_path)
+    try:
+        assert _lanes_seen(c) == (2, [2, 2]) and c.stats["shared_wide_tasks"] == 0
     finally:
         c.shutdown()
 
