@@ -263,3 +263,17 @@ def test_rank_many_with_non_finite_codes_ranks_prompt_by_prompt():
     want = [F.rank_features(feats[:4], 5, None, True), F.rank_features(feats[4:], 5, None, True)]
     assert repr(got) == repr(want)  # NaN != NaN: compare the printed rows
     assert F.rank_many(feats, [], [], []) == []
+    # each kind of non-finite code alone, where the fast path must notice it (a NaN or an infinity in a body, a
+    # feature at -inf over a whole body) or may go on (a NaN in a left-out BOS row, -inf beside finite codes)
+    lengths = [4, 3, 1]
+    for row, col, value in [(5, 7, float("nan")), (1, 8, float("inf")), (2, 9, float("-inf")), (0, 4, float("nan")),
+                            (4, 4, float("nan")), (7, 6, float("-inf")), (7, 6, float("nan"))]:
+        for bos in ([True] * 3, [False] * 3, [False, True, True]):
+            f = _stacked(1, lengths)
+            f[row, col] = value
+            if value == float("-inf") and row == 7:
+                f[4:7, 12] = float("-inf")  # and a feature at -inf over the second prompt's whole body
+            got = F.rank_many(f, lengths, [6, 300, 2], bos)
+            want = [F.rank_features(f[:4], 6, None, bos[0]), F.rank_features(f[4:7], 300, None, bos[1]),
+                    F.rank_features(f[7:], 2, None, bos[2])]
+            assert repr(got) == repr(want), (row, col, value, bos)
