@@ -20,6 +20,9 @@ from deployments.specs import local_path, read_sae_config
 DType = Literal["float32", "float16", "bfloat16"]
 
 
+# The replicas' environment by default (resources.replica_env; the field says why).
+REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -141,10 +144,13 @@ class ResourceArgs(Section):
     sae_num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per SAEShard replica (overrides num_gpus); with no "
                                           "saes.max_bytes, this share of the card's memory bounds its SAEs")
     replica_env: dict[str, str] = Field(
-        default_factory=lambda: {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        default_factory=lambda: dict(REPLICA_ENV),
         description="Environment variables for every replica of the app (merged into each deployment's "
-        "ray_actor_options.runtime_env). The default turns on Serve's throughput-optimised mode in the replicas only: in "
-        "a driver process it would break that process's synchronous DeploymentHandle .result() calls")
+        "ray_actor_options.runtime_env). The default turns on Serve's throughput-optimised mode in the replicas only (in "
+        "a driver process it would break that process's synchronous DeploymentHandle .result() calls), and keeps glibc's "
+        "malloc from handing large blocks back to the OS (no mmap, trim above 1 GiB): a batch's [rows, d_sae] codes "
+        "would otherwise be mapped afresh, page by page, each time (a GPT-2-small SAE encode of 8 prompts: 352 -> 276 ms "
+        "on one CPU thread)")
     deployment_options: dict[str, dict] = Field(
         default_factory=dict, description="Per-deployment Serve options applied in Python (e.g. `{SAEShard: {num_replicas: "
         "2}}`); serve_config.yaml's `deployments:` section is the usual place for these")
