@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.engine import pack
+from deployments.engine.compute import SHARED_LANES
 from deployments.specs import local_path, read_sae_config
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -22,6 +23,7 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 # The replicas' environment by default (resources.replica_env; the field says why).
 REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -120,7 +122,7 @@ class BatchingArgs(Section):
     burst_torch_threads: Optional[int] = Field(None, ge=0, description="CPU only: torch threads for a lone request's work "
                                                "while no other replica on the machine computes; none = every CPU the "
                                                "replica may use, 0 = off")
-    shared_lanes: int = Field(2, ge=1, description="CPU only, where replicas run torch on one thread: the most threads a "
+    shared_lanes: int = Field(SHARED_LANES, ge=1, description="CPU only, where replicas run torch on one thread: the most threads a "
                               "big enough capture batch, shard call or generation step splits between while other "
                               "replicas compute (at most burst_torch_threads); 1 = split only on an otherwise idle CPU")
 
