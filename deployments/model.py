@@ -46,10 +46,17 @@ class ModelMetrics:
                                        boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
 
 
-def shard_batch(entries: list[tuple[int, int, P.ShardItem]]) -> P.ShardBatch:
+def shard_batch(entries: list[tuple[int, int, P.ShardItem]], merge: dict[int, tuple[int, bool]] | None = None) -> P.ShardBatch:
     """One SAEShard call's items, from ``(job, task, item)`` entries of a model batch: ``one_request`` when they
-    are all one job's (a lone request: the shard may burst its encodes, as a lone prompt's capture bursts)."""
-    return P.ShardBatch([item for *_, item in entries], one_request=len({job for job, *_ in entries}) == 1)
+    are all one job's (a lone request: the shard may burst its encodes, as a lone prompt's capture bursts).
+    ``merge``: ``{job: (num_results, by_sum)}`` for jobs whose rankings merge; each one with two or more items in
+    the call is a MergeGroup, merged by the shard before it replies."""
+    by_job: dict[int, list[int]] = {}
+    for pos, (job, _, item) in enumerate(entries):
+        if merge and job in merge and isinstance(item.op, P.RankOp):
+            by_job.setdefault(job, []).append(pos)
+    merges = [P.MergeGroup(pos, [entries[p][1] for p in pos], *merge[job]) for job, pos in by_job.items() if len(pos) > 1]
+    return P.ShardBatch([item for *_, item in entries], one_request=len({job for job, *_ in entries}) == 1, merges=merges)
 
 
 @serve.deployment(
@@ -222,12 +229,13 @@ class ModelDeployment:
                     dfa = tuple(acts[h] for h in dfa_hooks(task.hook)) if task.dfa else None
                     by_sae.setdefault(task.sae_id, []).append((k, t, P.ShardItem(task.sae_id, acts[task.hook], task.op, dfa)))
         per_item = [[None] * len(it.tasks) if isinstance(it, P.FeatureJob) else None for it in items]
+        merge = {k: (it.merge, self._by_sum(it)) for k, it in enumerate(items) if isinstance(it, P.FeatureJob) and it.merge is not None}
         groups: dict[object, list[str]] = {}
         for sae_id in by_sae:
             groups.setdefault(self._home.get(sae_id) or ("unplaced", sae_id), []).append(sae_id)
         pending = list(groups.values())
         while pending:
-            retry = await self._send(pending, by_sae, per_item)
+            retry = await self._send(pending, by_sae, per_item, merge)
             pending = [[sae_id] for sae_id in retry]
         out = []
         for k, (it, (acts, proj)) in enumerate(zip(items, captured)):
@@ -239,17 +247,22 @@ class ModelDeployment:
                 out.append(errors[0])
                 continue
             res = P.FeatureResult(results=per_item[k], projection=proj)
-            if it.merge is not None:
-                by_sum = any(isinstance(t.op, P.RankOp) and t.op.sort_by_token_indexes for t in it.tasks)
-                res.merged, res.results = F.merge_ranked(per_item[k], it.merge, by_sum), []
+            if it.merge is not None:  # each shard replica's share comes merged already (protocol.MergeGroup)
+                pairs = [p for t, r in enumerate(per_item[k])
+                         for p in (r.pairs if isinstance(r, P.MergedRanking) else [(t, row) for row in r])]
+                res.merged, res.results = F.merge_pairs(pairs, it.merge, merge[k][1]), []
             out.append(res)
         return out
 
-    async def _send(self, groups: list[list[str]], by_sae: dict, per_item: list) -> list[str]:
+    @staticmethod
+    def _by_sum(job: P.FeatureJob) -> bool:
+        return any(isinstance(t.op, P.RankOp) and t.op.sort_by_token_indexes for t in job.tasks)
+
+    async def _send(self, groups: list[list[str]], by_sae: dict, per_item: list, merge: dict) -> list[str]:
         """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
         self._calls["shard_run"] += len(groups)
         per_group = [[e for sae_id in g for e in by_sae[sae_id]] for g in groups]
-        answers = await asyncio.gather(*(self._shard(g[0]).run.remote(shard_batch(entries))
+        answers = await asyncio.gather(*(self._shard(g[0]).run.remote(shard_batch(entries, merge))
                                          for g, entries in zip(groups, per_group)), return_exceptions=True)
         retry: list[str] = []
         for g, entries, answer in zip(groups, per_group, answers):

@@ -110,6 +110,12 @@ class FeatureActivation:
     def score(self, by_sum: bool) -> float:
         return self.sum_values if by_sum else self.max_value
 
+    def __reduce__(self):
+        # Constructor arguments instead of the default's attribute dict: a reply carries hundreds of rows, and this
+        # pickles in about half the time and loads in about a third (benchmarks/README.md, "Shard-side merges").
+        return (FeatureActivation, (self.index, self.values, self.max_value, self.max_value_index, self.sum_values,
+                                    self.dfa_values))
+
 
 @dataclass
 class RankOp:
@@ -238,6 +244,31 @@ class ShardBatch:
     # all of one request's: its encodes may use more threads while no other replica computes (engine.compute), as a
     # lone prompt's capture does
     one_request: bool = False
+    # one job's rankings (activation/all over several SAEs) that the replica merges before it replies
+    merges: list[MergeGroup] = field(default_factory=list)
+
+
+@dataclass
+class MergeGroup:
+    """Items of one FeatureJob with ``merge`` set, all RankOps: the replica answers them with their merged ranking
+    (engine.features.merge_pairs) instead of each one's, so that only the rows that can make the job's final
+    ``num_results`` cross processes (at 4 SAEs a quarter of them, at 24 a 24th). The top rows of the union of
+    partial merges are those of the whole, ties included: the order is total.
+
+    ``items``: their positions in the call; ``sources``: each one's task index in its job (the merge's ties)."""
+
+    items: list[int]
+    sources: list[int]
+    num_results: int
+    by_sum: bool
+
+
+@dataclass
+class MergedRanking:
+    """The answer of a merge group's items: the first answered item carries the group's merged ``(task index, row)``
+    pairs, each other answered item an empty one. An item that failed keeps its ItemError (or NotHere)."""
+
+    pairs: list[tuple[int, FeatureActivation]] = field(default_factory=list)
 
 
 @dataclass

@@ -90,6 +90,23 @@ def single_answer(s: LoadedSAE, item: P.ShardItem, feats: torch.Tensor, column: 
     return row
 
 
+def merge_answers(answers: list, merges: list[P.MergeGroup]) -> list:
+    """``answers`` with each merge group's rankings replaced by their merge (protocol.MergeGroup): the group's first
+    answered item gets the merged pairs, its other answered items an empty MergedRanking; failed items keep theirs."""
+    if not merges:
+        return answers
+    out = list(answers)
+    for g in merges:
+        done = [(i, src) for i, src in zip(g.items, g.sources) if 0 <= i < len(answers) and isinstance(answers[i], list)]
+        if not done:
+            continue
+        pairs = [(src, row) for i, src in done for row in answers[i]]
+        out[done[0][0]] = P.MergedRanking(F.merge_pairs(pairs, g.num_results, g.by_sum))
+        for i, _ in done[1:]:
+            out[i] = P.MergedRanking()
+    return out
+
+
 def _gpu_share() -> float | None:
     """The GPUs Ray assigned this replica (a fraction when it shares a card), or None outside a Ray actor."""
     try:
@@ -229,7 +246,7 @@ class SAEShard:
         return (len(items) > 1 and self.compute.max_lanes > 1 and self._madd_s is not None
                 and self._madd_s * sum(self._madds(saes, it) for it in items) >= 2 * self.min_lane_work_s)
 
-    def _run_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem]) -> list:
+    def _run_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem], merges: list[P.MergeGroup] = ()) -> list:
         """Every item's answer (on the compute thread), split between the task's lanes when it has more than one:
         items in groups of about equal multiply-adds (engine.compute.lane_groups), each answered on its own thread
         as :meth:`_answer_items` answers them all."""
@@ -252,7 +269,7 @@ class SAEShard:
                 self._metrics.encode_batch_size.observe(k)
         if sum(madds):
             self._madd_s = moving_average(self._madd_s, work_since(t0, len(groups)) / sum(madds))
-        return out
+        return merge_answers(out, merges)
 
     def _answer_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem], chunk_sizes: list[int]) -> list:
         """Every item's answer: per SAE, its items' activations encoded as one matmul (in chunks of
@@ -406,7 +423,7 @@ class SAEShard:
                         saes[sae_id] = m
                         self.stats["requests"] += 1
                         self._metrics.hits.inc()
-                results = await self.compute.run(self._run_items, saes, batch.items,
+                results = await self.compute.run(self._run_items, saes, batch.items, batch.merges,
                                                  light="encode" if len(batch.items) == 1 or batch.one_request else False,
                                                  # one request's few items split unevenly: it bursts instead
                                                  wide=not batch.one_request and self._worth_lanes(saes, batch.items))

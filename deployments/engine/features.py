@@ -287,9 +287,18 @@ def active_entries(feats: torch.Tensor, skip_positions: int = 1) -> dict[str, li
 
 def merge_ranked(per_source: list[list[FeatureActivation]], num_results: int, by_sum: bool) -> list[tuple[int, FeatureActivation]]:
     """Merge per-source rankings: score descending, ties by source order then feature index."""
-    flat = [(src, row) for src, rows in enumerate(per_source) for row in rows]
-    flat.sort(key=lambda sr: (-sr[1].score(by_sum), sr[0], sr[1].index))
-    return flat[:num_results]
+    return merge_pairs([(src, row) for src, rows in enumerate(per_source) for row in rows], num_results, by_sum)
+
+
+def merge_pairs(pairs: list[tuple[int, FeatureActivation]], num_results: int, by_sum: bool) -> list[tuple[int, FeatureActivation]]:
+    """The best ``num_results`` of ``(source, row)`` pairs: score descending, ties by source then feature index, a
+    NaN score first (as torch's descending sort places it in each source's ranking). The order is total, so merging
+    the merges of any split of the pairs gives the merge of them all (SAEShard merges its share of a job's
+    rankings, ModelDeployment the shares: protocol.MergeGroup)."""
+    def key(pair):
+        s = pair[1].score(by_sum)
+        return (0, 0.0, pair[0], pair[1].index) if s != s else (1, -s, pair[0], pair[1].index)
+    return sorted(pairs, key=key)[:num_results]
 
 
 @torch.no_grad()
