@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 from ray import serve
 
 from deployments import protocol as P
+from deployments.autoscaling import LOAD_METRIC, with_load_policy
 from deployments.engine import features as F
 from deployments.engine.attention import sparse_pattern
 from deployments.engine.batching import Batcher
@@ -63,7 +65,7 @@ def shard_batch(entries: list[tuple[int, int, P.ShardItem]], merge: dict[int, tu
     name="ModelDeployment",
     ray_actor_options={"num_cpus": 0.5},
     max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    autoscaling_config=with_load_policy({"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}),
     health_check_period_s=10,
 )
 class ModelDeployment:
@@ -92,6 +94,7 @@ class ModelDeployment:
         # lens/prompt: its runs take turns with everything else on the compute thread, a step at a time.
         self.lens_engine = self.compute.call(self._lens_engine, jacobian_lens)
         self._in_flight = collections.Counter()  # lens runs and generations under way (what fail_if_busy refuses on)
+        self._prompts = 0  # prompts of feature jobs and captures in this replica: queued, computing or fanned out
         self._lens_counts = {"runs": 0, "active": 0, "finished": 0, "cancelled": 0, "failed": 0, "busy": 0,
                              "positions": 0, "generated": 0}
         self._metrics = ModelMetrics()
@@ -120,7 +123,23 @@ class ModelDeployment:
         a whole batch goes out as one SAEShard call per replica, straight from here: activations never travel back
         through the ingress."""
         self._calls["features"] += 1
+        with self._holding(len(jobs)):
+            return await self._features(jobs)
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (deployments.autoscaling): the prompts this replica holds, and its
+        generations and lens runs, where Serve would count the few batched calls that carry them."""
+        return {LOAD_METRIC: float(self._prompts + sum(self._in_flight.values()))}
+
+    @contextlib.contextmanager
+    def _holding(self, prompts: int):
+        self._prompts += prompts
+        try:
+            yield
+        finally:
+            self._prompts -= prompts
+
+    async def _features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult | P.ItemError]:
         async def one(job: P.FeatureJob):
             try:
                 self._check(job.tokens, self._job_hooks(job))  # before it joins a batch
@@ -140,7 +159,8 @@ class ModelDeployment:
         """Raw activations ``{hook: float32 [len, ...]}`` for one prompt (batched with everything else)."""
         self._calls["capture"] += 1
         self._check(req.tokens, req.hooks)
-        return await self._submit(req)
+        with self._holding(1):
+            return await self._submit(req)
 
     async def attention(self, req: P.AttentionRequest) -> P.AttentionPattern:
         """One head's attention pattern in activation/attention's sparse form. The capture of the layer's

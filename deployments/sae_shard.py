@@ -26,6 +26,7 @@ import torch
 from ray import serve
 
 from deployments import protocol as P
+from deployments.autoscaling import LOAD_METRIC, with_load_policy
 from deployments.checks import check_index
 from deployments.engine import features as F
 from deployments.engine import geometry as G
@@ -139,7 +140,7 @@ def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
     name="SAEShard",
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    autoscaling_config=with_load_policy({"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}),
     health_check_period_s=10,
 )
 class SAEShard:
@@ -164,6 +165,7 @@ class SAEShard:
         self.min_lane_work_s = MIN_LANE_WORK_S  # a lane's least work for a call's items to split
         self._madd_s: float | None = None  # CPU-seconds per multiply-add of the calls so far (a moving average)
         self._calls = collections.Counter()  # handle calls received, per method (the benchmark's calls per request)
+        self._open_runs: dict[int, float] = {}  # the prompts of each run call in flight: the load autoscaling reads
         self._metrics = ShardMetrics()
         # SAE Lens (and TransformerLens under it) is imported by the first load; import it now, while the replica
         # starts, so that the first request for an SAE does not also pay seconds of imports.
@@ -411,6 +413,20 @@ class SAEShard:
         """Items for the call's SAE (the multiplexed id: loaded here if missing) and for any other SAE this replica
         already holds, in one compute task; items for SAEs it does not hold come back as ``NotHere``."""
         self._calls["run"] += 1
+        # a model batch's call carries one item per (prompt, SAE): its prompts are its items over its SAEs
+        key = id(batch)
+        self._open_runs[key] = len(batch.items) / max(1, len({it.sae_id for it in batch.items}))
+        try:
+            return await self._run(batch)
+        finally:
+            del self._open_runs[key]
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (deployments.autoscaling): the prompts of the calls in flight, where
+        Serve would count the one call per model batch that carries them."""
+        return {LOAD_METRIC: float(sum(self._open_runs.values()))}
+
+    async def _run(self, batch: P.ShardBatch) -> P.ShardReply:
         async with self._use() as lead:
             resident = self._resident()
             saes = {lead.spec.id: lead}

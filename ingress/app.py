@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
+from deployments.autoscaling import with_load_policy
 from deployments.engine.errors import RequestError
 from deployments.specs import SAESpec
 
@@ -232,6 +233,9 @@ def build_app(args: AppArgs) -> Application:
 
     def deployment(d):
         given = dict(opts.get(d.name, {}))
+        if d is not SAEServeIngress and isinstance(given.get("autoscaling_config"), dict):
+            # the computing replicas scale on the work they hold, whatever else the options change
+            given["autoscaling_config"] = with_load_policy(given["autoscaling_config"])
         actor = {**gpus.actor_options(d.name, d.ray_actor_options), **given.get("ray_actor_options", {})}
         if replica_env:
             runtime_env = dict(actor.get("runtime_env") or {})

@@ -101,9 +101,10 @@ class BatchingArgs(Section):
 
     model_calls_in_flight: int = Field(2, ge=1, description="Most ModelDeployment calls one ingress replica has out at a "
                                        "time: requests that arrive meanwhile share the next call (a lone request goes at once). "
-                                       "1 makes larger batches (1.2x the demo pack's activation/all at 16 clients) but leaves "
-                                       "ModelDeployment's autoscaling and queue limits one call per ingress replica to count "
-                                       "(benchmarks/README.md)")
+                                       "1 makes larger batches (0.9-1.2x the demo pack's activation/all at 16 clients) but a "
+                                       "call then returns before the next goes out, so the model's next forward pass no longer "
+                                       "overlaps the shards' work on the last; ModelDeployment's queue limit counts these calls, "
+                                       "its autoscaling the prompts they carry (benchmarks/README.md)")
     capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
     capture_batch_wait_s: float = Field(0.0, ge=0, description="How long an idle model waits for company before a forward "
                                         "pass")

@@ -1,5 +1,9 @@
 """Autoscaling: a burst of concurrent requests scales ModelDeployment and SAEShard out, idling scales them back.
 
+They scale on the load their replicas report (deployments.autoscaling), not on Serve's count of their calls: the
+ingress here has at most one ModelDeployment call out (``model_calls_in_flight=1``), so Serve never counts more than
+one request there, below ModelDeployment's target of 1.5; the prompts the replica holds pass it.
+
 A second app on the demo pack, with short autoscaling delays set through AppArgs.deployment_options (the
 same keys as serve_config.yaml's `deployments:`) and tiny CPU requests so the extra replicas fit on 2 CPUs.
 Replica counts come from ``serve.status()``. Every loop is bounded; the app is deleted at the end.
@@ -26,12 +30,12 @@ WARM_WITHIN_S = 180
 REQUEST_TIMEOUT_S = 120  # generous: other Ray sessions may share these 2 cores
 
 
-def autoscaling(max_replicas: int) -> dict:
+def autoscaling(max_replicas: int, target: float = 1) -> dict:
     return {
         "min_replicas": 1,
         "initial_replicas": 1,
         "max_replicas": max_replicas,
-        "target_ongoing_requests": 1,  # queued + running requests per replica the autoscaler aims for
+        "target_ongoing_requests": target,  # load per replica the autoscaler aims for (deployments.autoscaling)
         "upscale_delay_s": 0.5,
         "downscale_delay_s": 4,  # longer than a dip in load while new replicas start (else they are cancelled)
         "metrics_interval_s": 0.2,  # how often handles/replicas report (deprecated knob, still honoured)
@@ -59,9 +63,10 @@ def test_burst_scales_out_and_idle_scales_back(serve_app, http, pack_dir):
     args = AppArgs(
         model=str(pack_dir), sae_sets=["res-demo"], secret=SECRET, token_limit=64, max_batch_prompts=4,
         capture_batch_wait_s=0.05,  # a forward pass waits 50 ms to fill its batch: captures stay in flight, as on a big model
+        model_calls_in_flight=1,  # Serve counts at most 1 request at ModelDeployment, under its target of 1.5
         deployment_options={
             "SAEServeIngress": {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": SMALL},
-            "ModelDeployment": {"autoscaling_config": autoscaling(2), "max_ongoing_requests": 8, "ray_actor_options": SMALL},
+            "ModelDeployment": {"autoscaling_config": autoscaling(2, 1.5), "max_ongoing_requests": 8, "ray_actor_options": SMALL},
             "SAEShard": {"autoscaling_config": autoscaling(2), "max_ongoing_requests": 8, "ray_actor_options": SMALL},
         },
     )

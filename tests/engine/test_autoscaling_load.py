@@ -1,0 +1,122 @@
+"""deployments.autoscaling: the computing replicas scale on the work they hold. The policy runs on Serve's own
+AutoscalingContext and AutoscalingConfig; the replicas' load comes from the real ModelDeployment and SAEShard
+classes on the demo pack (in process, no Ray cluster), counted while their calls are in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from deployments import protocol as P
+from deployments.autoscaling import LOAD_METRIC, POLICY, load_policy, with_load_policy
+from deployments.engine.pack import local_sae_set_dirs
+from deployments.specs import sae_spec_from_dir
+
+
+def _ctx(replicas: int, serve_count: float, reported: list[float] | None, target: float = 16):
+    config = AutoscalingConfig(min_replicas=1, max_replicas=8, target_ongoing_requests=target)
+    metrics = None if reported is None else {LOAD_METRIC: {f"r{i}": v for i, v in enumerate(reported)}}
+    return AutoscalingContext(
+        deployment_id=None, deployment_name="ModelDeployment", app_name="saeserve", current_num_replicas=replicas,
+        target_num_replicas=replicas, running_replicas=[], total_num_requests=serve_count, total_queued_requests=0,
+        aggregated_metrics=metrics, raw_metrics=None, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=None, config=config)
+
+
+def test_the_policy_scales_on_the_larger_of_the_reported_load_and_serves_count():
+    # one replica holding 40 prompts in two batched calls: Serve counts 2, the replica reports 40
+    assert load_policy(_ctx(1, 2, [40.0]))[0] == pytest.approx(40 / 16)
+    # several replicas: their loads add up
+    assert load_policy(_ctx(2, 3, [10.0, 30.0]))[0] == pytest.approx(40 / 16)
+    # no report yet (a replica just started), or a smaller one: Serve's count, by Serve's default rule
+    assert load_policy(_ctx(2, 24, None))[0] == pytest.approx(24 / 16)
+    assert load_policy(_ctx(2, 24, [1.0, 2.0]))[0] == pytest.approx(24 / 16)
+    assert load_policy(_ctx(1, 0, [0.0]))[0] == 0  # idle: Serve's bounds keep min_replicas
+    assert load_policy(_ctx(0, 5, None))[0] == 0  # no replica running: left to Serve's cold start
+
+
+def test_every_computing_deployment_gets_the_policy_unless_it_names_one():
+    from deployments.model import ModelDeployment
+    from deployments.sae_shard import SAEShard
+
+    for d in (ModelDeployment, SAEShard):
+        policy = d._deployment_config.autoscaling_config.policy
+        assert policy.policy_function == POLICY
+    assert with_load_policy({"max_replicas": 3}) == {"max_replicas": 3, "policy": {"policy_function": POLICY}}
+    own = {"max_replicas": 3, "policy": {"policy_function": "mine:policy"}}
+    assert with_load_policy(own) is own and with_load_policy(None) is None
+    # Serve resolves the path (its controller imports it the same way)
+    assert AutoscalingConfig(**with_load_policy({"max_replicas": 2})).policy.get_policy() is not None
+
+
+@pytest.fixture(scope="module")
+def model(pack_dir):
+    from deployments.model import ModelDeployment
+
+    cls = getattr(ModelDeployment, "func_or_class", ModelDeployment)
+    m = cls(str(pack_dir), device="cpu", torch_threads=1, burst_torch_threads=0, capture_batch_wait_s=0.05)
+    yield m
+    m.compute.shutdown()
+
+
+def test_the_model_replica_reports_the_prompts_it_holds(model):
+    tok = model.runner.tokenizer
+    jobs = [P.FeatureJob(tok(t)["input_ids"]) for t in ("the cat sat", "a dog ran far", "one")]
+
+    async def go():
+        assert await model.record_autoscaling_stats() == {LOAD_METRIC: 0.0}
+        call = asyncio.ensure_future(model.features(jobs))  # one call, three prompts
+        cap = asyncio.ensure_future(model.capture(P.CaptureRequest(jobs[0].tokens, ["blocks.0.hook_resid_post"])))
+        await asyncio.sleep(0.01)  # both wait for company (capture_batch_wait_s)
+        during = await model.record_autoscaling_stats()
+        await asyncio.gather(call, cap)
+        return during, await model.record_autoscaling_stats()
+
+    during, after = asyncio.run(go())
+    assert during == {LOAD_METRIC: 4.0} and after == {LOAD_METRIC: 0.0}
+
+
+@pytest.fixture(scope="module")
+def shard(pack_dir):
+    from deployments.sae_shard import SAEShard
+
+    cls = getattr(SAEShard, "func_or_class", SAEShard)
+    specs = [dataclasses.asdict(sae_spec_from_dir(i, "res-demo", d)) for i, d in local_sae_set_dirs(pack_dir, "res-demo").items()]
+    r = cls(specs, device="cpu", torch_threads=1, burst_torch_threads=0)
+    yield r
+    r.compute.shutdown()
+
+
+def test_the_shard_replica_reports_the_prompts_of_its_calls_in_flight(shard):
+    seen, started, both = [], [], None
+
+    async def fake_run(batch):  # the real accounting around a stand-in for the SAE work, observed mid-call
+        started.append(batch)
+        if len(started) == 2:
+            both.set()
+        await both.wait()  # both calls in flight
+        seen.append(await shard.record_autoscaling_stats())
+        await asyncio.sleep(0)  # neither leaves before both have looked
+        return P.ShardReply([], "local")
+
+    acts = np.zeros((3, 128), dtype=np.float32)
+    two_saes = P.ShardBatch([P.ShardItem(s, acts, P.RankOp(5)) for s in ("0-res-demo", "1-res-demo") for _ in range(3)])
+    one_sae = P.ShardBatch([P.ShardItem("2-res-demo", acts, P.TopkOp(2))])
+    shard._run = fake_run
+    try:
+        async def go():
+            nonlocal both
+            both = asyncio.Event()
+            assert await shard.record_autoscaling_stats() == {LOAD_METRIC: 0.0}
+            await asyncio.gather(shard.run(two_saes), shard.run(one_sae))
+            return await shard.record_autoscaling_stats()
+        after = asyncio.run(go())
+    finally:
+        del shard._run
+    assert seen == [{LOAD_METRIC: 4.0}] * 2  # 6 items over 2 SAEs = 3 prompts, and 1
+    assert after == {LOAD_METRIC: 0.0}
