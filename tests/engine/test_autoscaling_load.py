@@ -5,7 +5,6 @@ classes on the demo pack (in process, no Ray cluster), counted while their calls
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from deployments import protocol as P
 from deployments.autoscaling import LOAD_METRIC, POLICY, load_policy, with_load_policy
-from deployments.engine.pack import local_sae_set_dirs
-from deployments.specs import sae_spec_from_dir
+from tests.engine.local_replicas import demo_model, demo_shard
 
 
 def _ctx(replicas: int, serve_count: float, reported: list[float] | None, target: float = 16):
@@ -56,12 +54,8 @@ def test_every_computing_deployment_gets_the_policy_unless_it_names_one():
 
 @pytest.fixture(scope="module")
 def model(pack_dir):
-    from deployments.model import ModelDeployment
-
-    cls = getattr(ModelDeployment, "func_or_class", ModelDeployment)
-    m = cls(str(pack_dir), device="cpu", torch_threads=1, burst_torch_threads=0, capture_batch_wait_s=0.05)
-    yield m
-    m.compute.shutdown()
+    with demo_model(pack_dir, capture_batch_wait_s=0.05) as m:
+        yield m
 
 
 def test_the_model_replica_reports_the_prompts_it_holds(model):
@@ -83,13 +77,8 @@ def test_the_model_replica_reports_the_prompts_it_holds(model):
 
 @pytest.fixture(scope="module")
 def shard(pack_dir):
-    from deployments.sae_shard import SAEShard
-
-    cls = getattr(SAEShard, "func_or_class", SAEShard)
-    specs = [dataclasses.asdict(sae_spec_from_dir(i, "res-demo", d)) for i, d in local_sae_set_dirs(pack_dir, "res-demo").items()]
-    r = cls(specs, device="cpu", torch_threads=1, burst_torch_threads=0)
-    yield r
-    r.compute.shutdown()
+    with demo_shard(pack_dir) as s:
+        yield s
 
 
 def test_the_shard_replica_reports_the_prompts_of_its_calls_in_flight(shard):

@@ -15,10 +15,9 @@ import torch
 
 from deployments import protocol as P
 from deployments.engine.compute import lane_groups
-from deployments.engine.pack import local_sae_set_dirs
-from deployments.specs import sae_spec_from_dir
 from tests import reference as R
 from tests.compare import assert_same_answer
+from tests.engine.local_replicas import demo_shard
 
 
 def test_lane_groups_cover_every_item_within_4_3_of_the_best_split():
@@ -40,20 +39,10 @@ def test_lane_groups_cover_every_item_within_4_3_of_the_best_split():
 
 
 @pytest.fixture(scope="module")
-def saes_dirs(pack_dir):
-    return local_sae_set_dirs(pack_dir, "res-demo")
-
-
-@pytest.fixture(scope="module")
-def shard(saes_dirs):
-    from deployments.sae_shard import SAEShard
-
-    cls = getattr(SAEShard, "func_or_class", SAEShard)
-    specs = [dataclasses.asdict(sae_spec_from_dir(i, "res-demo", d)) for i, d in saes_dirs.items()]
-    r = cls(specs, device="cpu", torch_threads=1, burst_torch_threads=2)
-    assert r.compute.max_lanes == 2
-    yield r
-    r.compute.shutdown()
+def shard(pack_dir):
+    with demo_shard(pack_dir, burst_torch_threads=2) as r:
+        assert r.compute.max_lanes == 2
+        yield r
 
 
 def _loaded(shard, sae_id):

@@ -16,12 +16,11 @@ import torch
 
 from deployments import protocol as P
 from deployments.engine import features as F
-from deployments.engine.pack import local_sae_set_dirs
 from deployments.model import shard_batch
 from deployments.sae_shard import merge_answers
-from deployments.specs import sae_spec_from_dir
 from tests import reference as R
 from tests.compare import assert_same_answer
+from tests.engine.local_replicas import demo_shard
 
 
 def _row(rng: random.Random, index: int) -> P.FeatureActivation:
@@ -85,13 +84,8 @@ def test_a_feature_row_pickles_to_itself(dfa):
 
 @pytest.fixture(scope="module")
 def shard(pack_dir):
-    from deployments.sae_shard import SAEShard
-
-    cls = getattr(SAEShard, "func_or_class", SAEShard)
-    specs = [dataclasses.asdict(sae_spec_from_dir(i, "res-demo", d)) for i, d in local_sae_set_dirs(pack_dir, "res-demo").items()]
-    r = cls(specs, device="cpu", torch_threads=1, burst_torch_threads=0)
-    yield r
-    r.compute.shutdown()
+    with demo_shard(pack_dir) as s:
+        yield s
 
 
 def _json(answer):
