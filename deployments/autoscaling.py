@@ -11,7 +11,8 @@ from the deployment's ``autoscaling_config`` (Serve applies them around any poli
 
 Units: ModelDeployment counts prompts of feature jobs and captures in its replica (queued, in a forward pass or
 waiting on their SAE work), plus generations and lens runs under way; SAEShard counts the prompts of its calls in
-flight (a call's items over its SAEs: one item per prompt and SAE). Kept free of torch and Ray imports: Serve's controller imports it by path.
+flight (a call's items over its SAEs: one item per prompt and SAE). Kept free of torch and Ray imports: Serve's
+controller imports it by path.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ POLICY = "deployments.autoscaling:load_policy"
 
 
 def load_policy(ctx) -> tuple[float, dict[str, Any]]:
-    """Replicas wanted: ``load / target``, Serve's default rule (``current * load / (target * current)``), where ``load`` is the larger
-    of the replicas' reported :data:`LOAD_METRIC` (summed; each averaged over ``look_back_period_s``) and Serve's
-    count of requests queued or running. ``ctx`` is Serve's ``AutoscalingContext``."""
+    """Replicas wanted: ``load / target``, Serve's default rule (``current * load / (target * current)``), where
+    ``load`` is the larger of the replicas' reported :data:`LOAD_METRIC` (summed; each averaged over
+    ``look_back_period_s``) and Serve's count of requests queued or running. ``ctx``: Serve's AutoscalingContext."""
     current = ctx.current_num_replicas
     if current == 0:
         return ctx.target_num_replicas, {}

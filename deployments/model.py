@@ -48,7 +48,8 @@ class ModelMetrics:
                                        boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
 
 
-def shard_batch(entries: list[tuple[int, int, P.ShardItem]], merge: dict[int, tuple[int, bool]] | None = None) -> P.ShardBatch:
+def shard_batch(entries: list[tuple[int, int, P.ShardItem]],
+                merge: dict[int, tuple[int, bool]] | None = None) -> P.ShardBatch:
     """One SAEShard call's items, from ``(job, task, item)`` entries of a model batch: ``one_request`` when they
     are all one job's (a lone request: the shard may burst its encodes, as a lone prompt's capture bursts).
     ``merge``: ``{job: (num_results, by_sum)}`` for jobs whose rankings merge; each one with two or more items in
@@ -57,8 +58,10 @@ def shard_batch(entries: list[tuple[int, int, P.ShardItem]], merge: dict[int, tu
     for pos, (job, _, item) in enumerate(entries):
         if merge and job in merge and isinstance(item.op, P.RankOp):
             by_job.setdefault(job, []).append(pos)
-    merges = [P.MergeGroup(pos, [entries[p][1] for p in pos], *merge[job]) for job, pos in by_job.items() if len(pos) > 1]
-    return P.ShardBatch([item for *_, item in entries], one_request=len({job for job, *_ in entries}) == 1, merges=merges)
+    merges = [P.MergeGroup(pos, [entries[p][1] for p in pos], *merge[job])
+              for job, pos in by_job.items() if len(pos) > 1]
+    return P.ShardBatch([item for *_, item in entries], one_request=len({job for job, *_ in entries}) == 1,
+                        merges=merges)
 
 
 @serve.deployment(
@@ -249,7 +252,8 @@ class ModelDeployment:
                     dfa = tuple(acts[h] for h in dfa_hooks(task.hook)) if task.dfa else None
                     by_sae.setdefault(task.sae_id, []).append((k, t, P.ShardItem(task.sae_id, acts[task.hook], task.op, dfa)))
         per_item = [[None] * len(it.tasks) if isinstance(it, P.FeatureJob) else None for it in items]
-        merge = {k: (it.merge, self._by_sum(it)) for k, it in enumerate(items) if isinstance(it, P.FeatureJob) and it.merge is not None}
+        merge = {k: (it.merge, self._by_sum(it)) for k, it in enumerate(items)
+                 if isinstance(it, P.FeatureJob) and it.merge is not None}
         groups: dict[object, list[str]] = {}
         for sae_id in by_sae:
             groups.setdefault(self._home.get(sae_id) or ("unplaced", sae_id), []).append(sae_id)

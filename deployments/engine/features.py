@@ -290,7 +290,8 @@ def merge_ranked(per_source: list[list[FeatureActivation]], num_results: int, by
     return merge_pairs([(src, row) for src, rows in enumerate(per_source) for row in rows], num_results, by_sum)
 
 
-def merge_pairs(pairs: list[tuple[int, FeatureActivation]], num_results: int, by_sum: bool) -> list[tuple[int, FeatureActivation]]:
+def merge_pairs(pairs: list[tuple[int, FeatureActivation]], num_results: int,
+                by_sum: bool) -> list[tuple[int, FeatureActivation]]:
     """The best ``num_results`` of ``(source, row)`` pairs: score descending, ties by source then feature index, a
     NaN score first (as torch's descending sort places it in each source's ranking). The order is total, so merging
     the merges of any split of the pairs gives the merge of them all (SAEShard merges its share of a job's
