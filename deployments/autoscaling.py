@@ -9,10 +9,10 @@ its queue. So each of these replicas reports its load through Serve's custom aut
 the larger of that and Serve's own count, by Serve's default rule. Delays, bounds and scaling factors still come
 from the deployment's ``autoscaling_config`` (Serve applies them around any policy).
 
-Units: ModelDeployment counts prompts of feature jobs and captures in its replica (queued, in a forward pass or
-waiting on their SAE work), plus generations and lens runs under way; SAEShard counts the prompts of its calls in
-flight (a call's items over its SAEs: one item per prompt and SAE). Kept free of torch and Ray imports: Serve's
-controller imports it by path.
+Units: ModelDeployment counts the prompts of feature jobs, captures and attention maps in its replica (queued, in a
+forward pass or waiting on their SAE work), plus generations and lens runs under way; SAEShard counts the prompts
+of its calls in flight (a call's items over its SAEs: one item per prompt and SAE). Kept free of torch and Ray
+imports: Serve's controller imports it by path.
 """
 
 from __future__ import annotations

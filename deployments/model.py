@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import threading
@@ -97,7 +96,7 @@ class ModelDeployment:
         # lens/prompt: its runs take turns with everything else on the compute thread, a step at a time.
         self.lens_engine = self.compute.call(self._lens_engine, jacobian_lens)
         self._in_flight = collections.Counter()  # lens runs and generations under way (what fail_if_busy refuses on)
-        self._prompts = 0  # prompts of feature jobs and captures in this replica: queued, computing or fanned out
+        self._prompts = 0  # prompts of feature jobs, captures and attention maps here: queued, computing or fanned out
         self._lens_counts = {"runs": 0, "active": 0, "finished": 0, "cancelled": 0, "failed": 0, "busy": 0,
                              "positions": 0, "generated": 0}
         self._metrics = ModelMetrics()
@@ -126,23 +125,7 @@ class ModelDeployment:
         a whole batch goes out as one SAEShard call per replica, straight from here: activations never travel back
         through the ingress."""
         self._calls["features"] += 1
-        with self._holding(len(jobs)):
-            return await self._features(jobs)
 
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metric (deployments.autoscaling): the prompts this replica holds, and its
-        generations and lens runs, where Serve would count the few batched calls that carry them."""
-        return {LOAD_METRIC: float(self._prompts + sum(self._in_flight.values()))}
-
-    @contextlib.contextmanager
-    def _holding(self, prompts: int):
-        self._prompts += prompts
-        try:
-            yield
-        finally:
-            self._prompts -= prompts
-
-    async def _features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult | P.ItemError]:
         async def one(job: P.FeatureJob):
             try:
                 self._check(job.tokens, self._job_hooks(job))  # before it joins a batch
@@ -158,12 +141,16 @@ class ModelDeployment:
 
         return list(await asyncio.gather(*(one(j) for j in jobs)))
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (deployments.autoscaling): the prompts this replica holds, and its
+        generations and lens runs, where Serve would count the few batched calls that carry them."""
+        return {LOAD_METRIC: float(self._prompts + sum(self._in_flight.values()))}
+
     async def capture(self, req: P.CaptureRequest) -> dict[str, np.ndarray]:
         """Raw activations ``{hook: float32 [len, ...]}`` for one prompt (batched with everything else)."""
         self._calls["capture"] += 1
         self._check(req.tokens, req.hooks)
-        with self._holding(1):
-            return await self._submit(req)
+        return await self._submit(req)
 
     async def attention(self, req: P.AttentionRequest) -> P.AttentionPattern:
         """One head's attention pattern in activation/attention's sparse form. The capture of the layer's
@@ -198,9 +185,15 @@ class ModelDeployment:
         return list(dict.fromkeys(hooks))
 
     async def _submit(self, item):
-        fan_out, i = await self._batcher.submit(item)
-        # Shielded: one caller going away must not cancel the SAE calls its batch-mates wait for.
-        results = await asyncio.shield(fan_out)
+        """One prompt's capture (and SAE work), batched with everything else; counted in the replica's load while it
+        is here (record_autoscaling_stats)."""
+        self._prompts += 1
+        try:
+            fan_out, i = await self._batcher.submit(item)
+            # Shielded: one caller going away must not cancel the SAE calls its batch-mates wait for.
+            results = await asyncio.shield(fan_out)
+        finally:
+            self._prompts -= 1
         r = results[i]
         if isinstance(r, BaseException):
             raise r

@@ -66,13 +66,14 @@ def test_the_model_replica_reports_the_prompts_it_holds(model):
         assert await model.record_autoscaling_stats() == {LOAD_METRIC: 0.0}
         call = asyncio.ensure_future(model.features(jobs))  # one call, three prompts
         cap = asyncio.ensure_future(model.capture(P.CaptureRequest(jobs[0].tokens, ["blocks.0.hook_resid_post"])))
-        await asyncio.sleep(0.01)  # both wait for company (capture_batch_wait_s)
+        att = asyncio.ensure_future(model.attention(P.AttentionRequest(jobs[1].tokens, 0, 0)))
+        await asyncio.sleep(0.01)  # all wait for company (capture_batch_wait_s)
         during = await model.record_autoscaling_stats()
-        await asyncio.gather(call, cap)
+        await asyncio.gather(call, cap, att)
         return during, await model.record_autoscaling_stats()
 
     during, after = asyncio.run(go())
-    assert during == {LOAD_METRIC: 4.0} and after == {LOAD_METRIC: 0.0}
+    assert during == {LOAD_METRIC: 5.0} and after == {LOAD_METRIC: 0.0}
 
 
 @pytest.fixture(scope="module")
