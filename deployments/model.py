@@ -33,6 +33,7 @@ from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.lens import JacobianLens, LensEngine, LensRun
 from deployments.engine.loading import load_model, resolve_device
 from deployments.hooks import capture_hooks, dfa_hooks
+from deployments.transport import Handle, payload_bytes, resent
 
 log = logging.getLogger("saeserve.model")
 
@@ -75,7 +76,7 @@ class ModelDeployment:
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.0,
                  generate_rows: int = 64, generate_positions: int | None = None, generate_fixed_shapes: bool | None = None,
                  torch_threads: int | None = None, burst_torch_threads: int | None = None, sae_shard=None,
-                 jacobian_lens: str | None = None, shared_lanes: int = SHARED_LANES):
+                 jacobian_lens: str | None = None, shared_lanes: int = SHARED_LANES, grpc_max_bytes: int | None = None):
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads),
                                      shared_lanes=shared_lanes)
@@ -105,8 +106,11 @@ class ModelDeployment:
         self._token_s: float | None = None  # CPU-seconds per prompt token of the captures so far (a moving average)
         self._calls = collections.Counter()  # handle calls received (and made to SAEShard), per method
         # The SAEShard deployment, for the SAE half of feature jobs; one handle per SAE id, made once.
-        self._sae_shard = sae_shard
-        self._shards: dict[str, object] = {}
+        # A call whose activations are at most grpc_max_bytes goes over gRPC, a larger one (or every one, for None)
+        # by reference through the object store (deployments.transport).
+        self._sae_shard = Handle(sae_shard, grpc_max_bytes is not None) if sae_shard is not None else None
+        self._grpc_max_bytes = grpc_max_bytes
+        self._shards: dict[str, Handle] = {}
         self._home: dict[str, str] = {}  # SAE id -> the SAEShard replica that last answered for it
         # Concurrent jobs share forward passes; a batch forms when the model is free (engine.batching).
         self._batcher = Batcher(self._run_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
@@ -227,13 +231,23 @@ class ModelDeployment:
             out.append((a, proj))
         return out
 
-    def _shard(self, sae_id: str):
+    def _shard(self, sae_id: str) -> Handle:
         h = self._shards.get(sae_id)
         if h is None:
             if self._sae_shard is None:
                 raise RequestError("This model deployment has no SAEShard to send SAE work to", 500)
             h = self._shards[sae_id] = self._sae_shard.options(multiplexed_model_id=sae_id)
         return h
+
+    def _call_shard(self, sae_id: str, batch: P.ShardBatch):
+        """One SAEShard call: over gRPC when its activations are small enough, else by reference through the object
+        store (deployments.transport)."""
+        h = self._shard(sae_id)
+        limit = self._grpc_max_bytes
+        if limit is None or payload_bytes(a for it in batch.items for a in (it.acts, *(it.dfa_inputs or ()))) > limit:
+            self._calls["shard_run_by_reference"] += 1
+            return h.by_reference.run.remote(batch)
+        return h.run.remote(batch)
 
     async def _fan_out(self, items: list, captured: list) -> list:
         """The batch's SAE work: one SAEShard call per replica that (last we heard) holds the SAEs, one per SAE not
@@ -279,7 +293,7 @@ class ModelDeployment:
         """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
         self._calls["shard_run"] += len(groups)
         per_group = [[e for sae_id in g for e in by_sae[sae_id]] for g in groups]
-        answers = await asyncio.gather(*(self._shard(g[0]).run.remote(shard_batch(entries, merge))
+        answers = await asyncio.gather(*(self._call_shard(g[0], shard_batch(entries, merge))
                                          for g, entries in zip(groups, per_group)), return_exceptions=True)
         retry: list[str] = []
         for g, entries, answer in zip(groups, per_group, answers):
@@ -336,10 +350,12 @@ class ModelDeployment:
     async def capture_stats(self) -> dict:
         """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started
         (``lean_passes`` / ``hooked_passes``: forward passes through engine.decoder / TransformerLens's hooks);
-        handle calls received and made (``calls``: features, capture, shard_run = calls made to SAEShard); its
-        compute thread's tasks (``compute``: how many ran, how many as CPU bursts); ``lane_batches``: batches whose prompts
-        split between lanes (a wide task on an otherwise idle CPU)."""
-        return {**self._capture_counts, **self.runner.stats, "calls": dict(self._calls),
+        handle calls received and made (``calls``: features, capture, shard_run = calls made to SAEShard,
+        shard_run_by_reference = those of them too large for gRPC); calls made over gRPC and sent again by reference
+        (``resent``, per method: deployments.transport); its compute thread's tasks (``compute``: how many ran, how
+        many as CPU bursts); ``lane_batches``: batches whose prompts split between lanes (a wide task on an otherwise
+        idle CPU)."""
+        return {**self._capture_counts, **self.runner.stats, "calls": dict(self._calls), "resent": resent(),
                 "compute": dict(self.compute.stats)}
 
     async def generate(self, requests: list[GenerationRequest]):

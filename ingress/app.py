@@ -253,6 +253,6 @@ def build_app(args: AppArgs) -> Application:
                                              generate_positions=args.limits.token_limit + args.limits.max_completion_tokens,
                                              generate_fixed_shapes=b.generate_fixed_shapes, torch_threads=b.torch_threads,
                                              burst_torch_threads=b.burst_torch_threads, shared_lanes=b.shared_lanes,
-                                             sae_shard=shard,
+                                             sae_shard=shard, grpc_max_bytes=b.grpc_max_bytes if b.grpc_calls else None,
                                              jacobian_lens=resolve_jacobian_lens(model_path, args.model.jacobian_lens))
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

@@ -22,7 +22,11 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 
 # The replicas' environment by default (resources.replica_env; the field says why).
-REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# Serve's gRPC between replicas caps a message at 4 MB by default, which a batch's activations or its feature rows
+# can pass (batching.grpc_calls): the cap is gRPC's largest instead.
+GRPC_MAX_MESSAGE_BYTES = (1 << 31) - 1
+REPLICA_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+               "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES)}
 
 
 class Section(BaseModel):
@@ -105,6 +109,14 @@ class BatchingArgs(Section):
                                        "call then returns before the next goes out, so the model's next forward pass no longer "
                                        "overlaps the shards' work on the last; ModelDeployment's queue limit counts these calls, "
                                        "its autoscaling the prompts they carry (benchmarks/README.md)")
+    grpc_calls: bool = Field(True, description="The request path's calls between replicas (ingress to ModelDeployment and "
+                             "SAEShard, ModelDeployment to SAEShard) go over Serve's gRPC transport between replicas "
+                             "instead of Ray actor calls: about half the CPU and the latency of a call for payloads up to a "
+                             "megabyte (benchmarks.transport_bench). Streams (steering, lens) and the handle calls of Ray "
+                             "jobs stay on Ray actor calls")
+    grpc_max_bytes: int = Field(2 << 20, ge=0, description="A ModelDeployment to SAEShard call whose activations are larger "
+                                "than this goes through Ray's object store instead of gRPC (from about 4 MB on, the object "
+                                "store costs less: benchmarks.transport_bench)")
     capture_batch_size: int = Field(16, ge=1, description="Most prompts the model runs in one forward pass")
     capture_batch_wait_s: float = Field(0.0, ge=0, description="How long an idle model waits for company before a forward "
                                         "pass")
@@ -153,7 +165,8 @@ class ResourceArgs(Section):
         "a driver process it would break that process's synchronous DeploymentHandle .result() calls), and keeps glibc's "
         "malloc from handing large blocks back to the OS (no mmap, trim above 1 GiB): a batch's [rows, d_sae] codes "
         "would otherwise be mapped afresh, page by page, each time (a GPT-2-small SAE encode of 8 prompts: 352 -> 276 ms "
-        "on one CPU thread)")
+        "on one CPU thread), and lifts the 4 MB cap on a gRPC message between replicas (batching.grpc_calls; a call "
+        "over it is sent again by reference)")
     deployment_options: dict[str, dict] = Field(
         default_factory=dict, description="Per-deployment Serve options applied in Python (e.g. `{SAEShard: {num_replicas: "
         "2}}`); serve_config.yaml's `deployments:` section is the usual place for these")

@@ -15,6 +15,7 @@ from deployments import protocol as P
 from deployments.engine import tokens as T
 from deployments.engine.errors import RequestError, translate_remote_error
 from deployments.specs import SAESpec
+from deployments.transport import Handle
 
 from .args import AppArgs
 
@@ -30,9 +31,10 @@ class Backend:
         self.sets: dict[str, list[SAESpec]] = {}
         for s in specs:
             self.sets.setdefault(s.set_name, []).append(s)
-        self.model = model_handle
+        # Calls over gRPC between replicas, streams by reference (deployments.transport)
+        self.model = Handle(model_handle, args.batching.grpc_calls)
         self.model_stream = model_handle.options(stream=True)
-        self._sae = sae_handle
+        self._sae = Handle(sae_handle, args.batching.grpc_calls)
         self._shards: dict[str, Any] = {}
         self.model_ids = args.accepted_model_ids()
         self.secret = args.resolved_secret()  # resolved once, in the replica (env SECRET lives there)
@@ -52,7 +54,8 @@ class Backend:
             return
         async with self._ready_lock:
             if self.tokenizer is None:
-                described = await self.call(self.model.describe.remote())
+                # by reference: a tokenizer can be tens of MB (deployments.transport)
+                described = await self.call(self.model.by_reference.describe.remote())
                 tok = described["tokenizer"]
                 self.info = described["info"]
                 self.prepends_bos = T.tokenizer_prepends_bos(tok)

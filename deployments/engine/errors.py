@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..transport import grpc_status, is_grpc_unavailable
+
 
 class RequestError(Exception):
     """Bad input: becomes ``{"error": message}`` with a 4xx status at the ingress."""
@@ -73,13 +75,15 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def translate_remote_error(e: BaseException) -> BaseException:
     """The one translation of what a handle call raised: the replica's RequestError as it was raised (with its
-    status), an unavailable replica or a full queue as Overloaded (503: retry), out of memory as Overloaded, and
-    anything else unchanged (a bug: 500)."""
+    status), an unavailable replica, a full queue or a gRPC call cut short as Overloaded (503: retry), out of memory
+    as Overloaded, and anything else unchanged (a bug: 500)."""
     inner = unwrap_remote_error(e)
     if inner is not None:
         return inner
     if is_ray_unavailable(e):
         return Overloaded(f"The server is busy ({type(e).__name__}); retry shortly")
+    if is_grpc_unavailable(e):  # a call between replicas over gRPC (deployments.transport) that failed on the way
+        return Overloaded(f"The server is busy (gRPC {grpc_status(e)}); retry shortly")
     if is_out_of_memory(e):
         return Overloaded("Out of memory while serving this request; retry shortly")
     return e
