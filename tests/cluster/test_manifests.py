@@ -31,6 +31,8 @@ import jsonschema
 import pytest
 import yaml
 
+from ingress.args import REPLICA_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 SERVE_CONFIG = REPO / "serve_config.yaml"
@@ -799,8 +801,13 @@ def serving_mode_errors(doc: dict) -> list[str]:
         if "RAY_SERVE_THROUGHPUT_OPTIMIZED" in env:
             errors.append(f"{name}: RAY_SERVE_THROUGHPUT_OPTIMIZED on the pod (drivers there would lose .result())")
     for app in _serve_config_v2(doc).get("applications", []):
-        if ((app.get("runtime_env") or {}).get("env_vars") or {}).get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
+        env = (app.get("runtime_env") or {}).get("env_vars") or {}
+        if env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
             errors.append(f"application {app.get('name')}: no RAY_SERVE_THROUGHPUT_OPTIMIZED in its runtime_env")
+        # gRPC between replicas (batching.grpc_calls) without Serve's 4 MB cap, as AppArgs' replica_env has it
+        cap = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+        if env.get(cap) != REPLICA_ENV[cap]:
+            errors.append(f"application {app.get('name')}: {cap} in its runtime_env is {env.get(cap)!r}, not {REPLICA_ENV[cap]}")
     return errors
 
 
@@ -810,3 +817,8 @@ def test_rayservice_serving_mode(name, doc):
     broken = copy.deepcopy(doc)
     _ray_containers(broken)[0][1]["env"] = []
     assert serving_mode_errors(broken)  # the check can fail
+    capped = copy.deepcopy(doc)
+    raw = capped["spec"]["serveConfigV2"]
+    capped["spec"]["serveConfigV2"] = raw.replace('RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH: "2147483647"',
+                                                  'RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH: "4194304"')
+    assert capped["spec"]["serveConfigV2"] != raw and serving_mode_errors(capped)
