@@ -8,7 +8,7 @@ A caller replica sends ``--calls`` calls carrying a float32 numpy array of each 
 answers with a few bytes, one call at a time and then 16 at a time; the two transports alternate per size. Per
 cell: median wall ms per call, and CPU ms per call in the caller and in the callee (each process's own
 ``time.process_time``, which counts its background threads too). The replicas get the app's replica environment
-(``ingress.args.REPLICA_ENV``).
+(``ingress.args.REPLICA_ENV``, in their ``ray_actor_options``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ import time
 import numpy as np
 from ray import serve
 
+from ingress.args import REPLICA_ENV
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+# the app's replica environment (its gRPC message cap included), whichever Ray the replicas start on
+ACTOR_OPTIONS = {"num_cpus": 0.25, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+
+
+@serve.deployment(ray_actor_options=ACTOR_OPTIONS, max_ongoing_requests=64)
 class Callee:
     async def take(self, arr: np.ndarray) -> int:
         return int(arr.nbytes)
@@ -33,7 +38,7 @@ class Callee:
         return time.process_time()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
+@serve.deployment(ray_actor_options=ACTOR_OPTIONS, max_ongoing_requests=4)
 class Caller:
     def __init__(self, callee):
         self.by_ref = callee
@@ -61,30 +66,38 @@ class Caller:
                 "caller_cpu_ms": cpu / calls * 1e3, "callee_cpu_ms": callee / calls * 1e3}
 
 
+def measure(sizes: list[int], calls: int, name: str = "transport", num_cpus: float = 0.25) -> list[dict]:
+    """Every cell (size x 1 and 16 in flight x both transports) on the Ray this process is connected to; the two
+    replicas (``num_cpus`` each) are deleted afterwards."""
+    opts = {"ray_actor_options": {**ACTOR_OPTIONS, "num_cpus": num_cpus}}
+    handle = serve.run(Caller.options(**opts).bind(Callee.options(**opts).bind()), name=name, route_prefix=None)
+    cells = []
+    try:
+        for size in sizes:
+            n = calls if size <= 4e6 else max(16, calls // 8)
+            for in_flight in (1, 16):
+                for transport in ("ray", "grpc"):
+                    c = handle.run.remote(transport, size, n, in_flight).result(timeout_s=600)
+                    cells.append(c)
+                    print(f"{c['bytes']:>10} B  {transport:4}  in flight {in_flight:2}  p50 {c['p50_ms']:8.2f} ms  "
+                          f"{c['calls_per_s']:8.1f} calls/s  CPU ms/call caller {c['caller_cpu_ms']:6.2f} "
+                          f"callee {c['callee_cpu_ms']:6.2f}", flush=True)
+    finally:
+        serve.delete(name)
+    return cells
+
+
 def main() -> None:
     import ray
-
-    from ingress.args import REPLICA_ENV
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1e3,6.4e4,1e6,4e6,1.6e7,6.4e7", help="payload bytes, comma-separated")
     p.add_argument("--calls", type=int, default=200, help="calls per cell (fewer for payloads over 4 MB)")
     p.add_argument("--out", default=None, help="write the cells as JSON here")
     a = p.parse_args()
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(REPLICA_ENV)})
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     try:
-        handle = serve.run(Caller.bind(Callee.bind()), name="transport", route_prefix=None)
-        cells = []
-        for size in (int(float(s)) for s in a.sizes.split(",")):
-            calls = a.calls if size <= 4e6 else max(16, a.calls // 8)
-            for in_flight in (1, 16):
-                for transport in ("ray", "grpc"):
-                    c = handle.run.remote(transport, size, calls, in_flight).result(timeout_s=600)
-                    cells.append(c)
-                    print(f"{c['bytes']:>10} B  {transport:4}  in flight {in_flight:2}  p50 {c['p50_ms']:8.2f} ms  "
-                          f"{c['calls_per_s']:8.1f} calls/s  CPU ms/call caller {c['caller_cpu_ms']:6.2f} "
-                          f"callee {c['callee_cpu_ms']:6.2f}", flush=True)
+        cells = measure([int(float(s)) for s in a.sizes.split(",")], a.calls)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"machine": os.uname().nodename, "cells": cells}, f, indent=1)

@@ -351,10 +351,10 @@ class ModelDeployment:
         """Capture batches, prompts, prompt tokens and seconds spent in forward passes since the replica started
         (``lean_passes`` / ``hooked_passes``: forward passes through engine.decoder / TransformerLens's hooks);
         handle calls received and made (``calls``: features, capture, shard_run = calls made to SAEShard,
-        shard_run_by_reference = those of them too large for gRPC); calls made over gRPC and sent again by reference
-        (``resent``, per method: deployments.transport); its compute thread's tasks (``compute``: how many ran, how
-        many as CPU bursts); ``lane_batches``: batches whose prompts split between lanes (a wide task on an otherwise
-        idle CPU)."""
+        shard_run_by_reference = those sent by reference: too large for gRPC, or gRPC off); calls made over gRPC and
+        sent again by reference (``resent``, per method: deployments.transport); its compute thread's tasks
+        (``compute``: how many ran, how many as CPU bursts); ``lane_batches``: batches whose prompts split between
+        lanes (a wide task on an otherwise idle CPU)."""
         return {**self._capture_counts, **self.runner.stats, "calls": dict(self._calls), "resent": resent(),
                 "compute": dict(self.compute.stats)}
 

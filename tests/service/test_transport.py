@@ -44,7 +44,7 @@ def main_answer(http):
     return r.json()
 
 
-def test_the_main_app_sends_its_shard_calls_over_grpc(http, main_answer):
+def test_the_main_app_sends_no_shard_call_by_reference(http, main_answer):
     before = _model_stats("saeserve")["calls"]
     assert http.post("/v1/activation/all", json=BODY).status_code == 200
     after = _model_stats("saeserve")
@@ -88,3 +88,14 @@ def test_a_message_too_large_for_grpc_is_sent_again_by_reference(serve_app, pack
         assert small.status_code == 200, small.text
     finally:
         serve.delete("tinygrpc")
+
+
+def test_the_transport_bench_measures_both_transports(ray_session):
+    """benchmarks.transport_bench at a tiny size on the session's Ray: every cell, both transports, sane figures."""
+    from benchmarks import transport_bench
+
+    cells = transport_bench.measure([1000, 64000], calls=4, name="transportbench", num_cpus=0.05)
+    assert {(c["bytes"], c["in_flight"], c["transport"]) for c in cells} == {
+        (b, f, t) for b in (1000, 64000) for f in (1, 16) for t in ("ray", "grpc")}
+    for c in cells:
+        assert c["calls"] == 4 and c["p50_ms"] > 0 and c["calls_per_s"] > 0 and c["caller_cpu_ms"] >= 0, c
