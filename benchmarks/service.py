@@ -10,6 +10,12 @@ import httpx
 
 
 def free_port() -> int:
+    """The HTTP proxy's port: the caller's port of this process's block when it has one (``haproxy_env.isolate``; a
+    port below the ephemeral range, which nothing else is handed before the proxy binds it), else any free port."""
+    from ingress import haproxy_env
+
+    if haproxy_env.RANGE_VARS[0] in os.environ:
+        return haproxy_env.block_port(os.environ)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -8,6 +8,14 @@ two Rays' first ingress replicas share port 30000 and the kernel spreads either 
 CI: the CLI's secret refused by the test session's ingress). `isolate()` gives this process's Ray its own directory,
 its own block of replica ports and free side ports. It must run before Ray starts: Serve reads these at import and
 the Ray we start inherits them.
+
+Every port chosen here lies below the kernel's ephemeral range (``ip_local_port_range``, 32768-60999 by default). The
+kernel hands ports in that range to every outgoing connection and every bind to port 0, and a Ray makes hundreds of
+connections while it starts: a port found free there can be taken by the time HAProxy binds it (seen in CI: the stats
+port, picked free at the test session's start, was "Address already in use" when HAProxy started a minute later, and
+every test that needed the app failed). So a Ray gets a block of ports of its own: its replicas' ports, then HAProxy's
+side ports, then a few for the servers its caller starts (``block_port``: the HTTP proxy's port in the tests and the
+benchmark).
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ BASE_VAR = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"
 # port with SO_REUSEPORT too: two Rays' fallbacks would share it.
 SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
-# Replica ports: a block of BLOCK for HTTP in [20000, 30000) and the same block for gRPC 10000 lower, apart from
-# Serve's defaults (30000-31000, 40000-41000) that a plain `serve run` on this machine uses.
+# A block: BLOCK ports in [20000, 30000), apart from Serve's defaults (30000-31000, 40000-41000) that a plain
+# `serve run` on this machine uses. Its first REPLICA_PORTS are Serve's HTTP replica ports (gRPC: the same 10000
+# lower), then one port per side port, then the caller's ports.
 RANGE_VARS = ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
               "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT")
-BLOCK, FIRST_HTTP, BLOCKS = 100, 20000, 100
+BLOCK, FIRST_HTTP, BLOCKS, REPLICA_PORTS = 100, 20000, 100, 80
+CALLER_PORTS = BLOCK - REPLICA_PORTS - len(SIDE_PORTS)
 ALL_VARS = (BASE_VAR, *FILE_VARS, *SIDE_PORTS, *RANGE_VARS)
 
 
@@ -48,38 +58,62 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 def port_block(env, block: int) -> None:
-    """Serve's replica ports for this Ray: HTTP block `block` of [20000, 30000), gRPC the same 10000 lower."""
-    lo = FIRST_HTTP + (block % BLOCKS) * BLOCK
-    env.update({RANGE_VARS[0]: str(lo), RANGE_VARS[1]: str(lo + BLOCK - 1),
-                RANGE_VARS[2]: str(lo - 10000), RANGE_VARS[3]: str(lo - 10000 + BLOCK - 1)})
+    """Serve's replica ports for this Ray: the start of block `block` for HTTP, gRPC the same 10000 lower."""
+    lo = _first(block % BLOCKS)
+    env.update({RANGE_VARS[0]: str(lo), RANGE_VARS[1]: str(lo + REPLICA_PORTS - 1),
+                RANGE_VARS[2]: str(lo - 10000), RANGE_VARS[3]: str(lo - 10000 + REPLICA_PORTS - 1)})
 
 
 def block_of(env) -> int:
     return (int(env[RANGE_VARS[0]]) - FIRST_HTTP) // BLOCK
 
 
+def block_port(env, i: int = 0) -> int:
+    """The ``i``-th port of ``env``'s block kept for its caller (its HTTP proxy, say): no Ray or kernel hands it out."""
+    if not 0 <= i < CALLER_PORTS:
+        raise ValueError(f"a block keeps {CALLER_PORTS} ports for its caller, not {i + 1}")
+    return _first(block_of(env)) + REPLICA_PORTS + len(SIDE_PORTS) + i
+
+
+def _first(block: int) -> int:
+    return FIRST_HTTP + block * BLOCK
+
+
+def _side_port(block: int, var: str) -> int:
+    return _first(block) + REPLICA_PORTS + list(SIDE_PORTS).index(var)
+
+
+_handed_out: set[int] = set()  # blocks this process gave a Ray: two Rays it starts at once pick apart
+
+
 def _free_block() -> int:
-    """A block none of whose first ports another process listens on, starting from one this pid picks (two
-    Rays starting at once rarely start from the same block)."""
+    """A block whose first replica ports, side ports and first caller port nobody listens on, starting from one this
+    pid picks (two processes starting a Ray at once rarely start from the same block). Never this process's own
+    Ray's block (named in ``os.environ``) or the one beside it (``port_block(env, block_of(os.environ) + 1)`` is how
+    a caller starts a second Ray in a block it chose), nor a block this process handed out before."""
     start = os.getpid() % BLOCKS
+    skip = set(_handed_out)
+    if RANGE_VARS[0] in os.environ:
+        own = block_of(os.environ)
+        skip |= {own % BLOCKS, (own + 1) % BLOCKS}
     for i in range(BLOCKS):
         b = (start + i) % BLOCKS
-        lo = FIRST_HTTP + b * BLOCK
-        if all(port_free(p) for p in range(lo, lo + 8)) and all(port_free(p - 10000) for p in range(lo, lo + 8)):
+        if b in skip:
+            continue
+        lo = _first(b)
+        ports = [*range(lo, lo + 8), *range(lo - 10000, lo - 10000 + 8),
+                 *range(lo + REPLICA_PORTS, lo + REPLICA_PORTS + len(SIDE_PORTS) + 1)]
+        if all(port_free(p) for p in ports):
+            _handed_out.add(b)
             return b
     return start
 
 
 def isolate(env: "os._Environ | dict | None" = None, *, force: bool = False) -> str:
     """Point HAProxy's files at a fresh private directory and Serve's replica ports at a free block (unless the caller
-    chose them: `force` overrides), and move taken stats/metrics ports to free ones. Returns the directory."""
+    chose them: `force` overrides), and HAProxy's side ports at that block's (a side port the caller set stays
+    unless forced or taken). Returns the directory."""
     env = os.environ if env is None else env
     if force or BASE_VAR not in env:
         base = tempfile.mkdtemp(prefix="haproxy-", dir="/tmp")  # short: a unix socket path has ~100 bytes
@@ -88,11 +122,12 @@ def isolate(env: "os._Environ | dict | None" = None, *, force: bool = False) -> 
             env[var] = os.path.join(base, name)
     if force or RANGE_VARS[0] not in env:
         port_block(env, _free_block())
-    for var, default in SIDE_PORTS.items():
-        port = int(env.get(var, default))
-        if force or not port_free(port):
-            free = free_port()
-            if not force:
-                log.info("port %d (%s) is taken on this machine: HAProxy uses %d", port, var, free)
-            env[var] = str(free)
+    block = block_of(env)
+    for var in SIDE_PORTS:
+        mine = _side_port(block, var)
+        if var in env and not force and int(env[var]) != mine:
+            if port_free(int(env[var])):
+                continue
+            log.info("port %s (%s) is taken on this machine: HAProxy uses %d", env[var], var, mine)
+        env[var] = str(mine)
     return env[BASE_VAR]

@@ -19,16 +19,9 @@ os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 # HAProxy's files (config, admin socket) and stats/metrics ports are fixed by default: this session's Ray, the CLI
 # tests' and the multinode test's each need their own, as does another test run or benchmark on the same machine.
+# Its ports come from a block below the kernel's ephemeral range, where nothing else is handed them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ingress import haproxy_env  # noqa: E402
 
@@ -122,10 +115,10 @@ def main_app_deployed(ray_session, pack_dir, att_sae_dir, temporal_sae_dir):
 
     from ingress.app import build_app
     from ingress.args import AppArgs
-    from ingress.haproxy_env import free_port
+    from ingress.haproxy_env import block_port
     from tests import background
 
-    port = free_port()
+    port = block_port(os.environ)  # this Ray's block (haproxy_env.isolate above): no other process is handed it
     args = AppArgs(model=str(pack_dir), sae_sets=["res-demo"], sae_dirs=[str(att_sae_dir), str(temporal_sae_dir)], secret=SECRET,
                    token_limit=64, max_batch_prompts=4)
     app = build_app(args)

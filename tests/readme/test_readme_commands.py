@@ -75,15 +75,15 @@ def _ours(tmp: str) -> list:
 @pytest.fixture(scope="module")
 def served():
     """`make serve` on a copy of serve_config.yaml that differs only in its HTTP port."""
-    port = haproxy_env.free_port()
     jobs_ok = haproxy_env.port_free(JOB_AGENT_PORT)
     work = Path(tempfile.mkdtemp(prefix="readme-", dir="/tmp"))  # short: Ray's socket paths live under it
-    config = (REPO / "serve_config.yaml").read_text()
-    assert "port: 8000" in config
-    (work / "serve_config.yaml").write_text(config.replace("port: 8000", f"port: {port}", 1))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SECRET") and not k.startswith("RAY_SERVE_HAPROXY")}
     env["RAY_TMPDIR"] = str(work)
     haproxy_env.isolate(env, force=True)
+    port = haproxy_env.block_port(env)
+    config = (REPO / "serve_config.yaml").read_text()
+    assert "port: 8000" in config
+    (work / "serve_config.yaml").write_text(config.replace("port: 8000", f"port: {port}", 1))
     log = (work / "serve.log").open("w")
     # -o: never rebuild the (shared) venv from here; `make serve` itself does when pyproject.toml changed
     proc = subprocess.Popen(["make", "-o", ".venv/bin/.installed", "serve", f"SERVE_CONFIG={work / 'serve_config.yaml'}"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,12 +42,6 @@ def _env() -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_processes(marker: str) -> list:
     """Every process of the Ray instance whose temp dir is ``marker``: its daemons (the marker is in their command
     lines) and everything they started (workers, replicas)."""
@@ -77,13 +70,14 @@ def random_pack() -> Path:
 # The CLI's ray.init Ray would take the job agent's port if free: it starts once the README's tests are over.
 @background.check("cli-sigint", order=4, gate=background.JOB_AGENT_PORT, prepare=random_pack)
 def serve_a_pack_and_sigint(pack: Path) -> None:
-    port = _free_port()
+    env = _env()
+    port = haproxy_env.block_port(env)
     ray_tmp = tempfile.mkdtemp(prefix="rcli", dir="/tmp")  # short: Ray's socket paths live under it
     log_path = Path(ray_tmp) / "cli.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*_exe(), "--model_id", str(pack), "--host", "127.0.0.1", "--port", str(port),
                                  "--secret", "cli-secret", "--token_limit", "32", "--ray_temp_dir", ray_tmp],
-                                env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240
