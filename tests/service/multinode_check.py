@@ -80,6 +80,7 @@ def wait_until(what: str, cond, within_s: float, every_s: float = 0.5):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=300, help="seconds before the watchdog stops everything")
+    p.add_argument("--port", type=int, default=0, help="the HTTP proxy's port (0: any free one)")
     a = p.parse_args()
 
     import httpx
@@ -115,7 +116,7 @@ def main() -> int:
         log("cluster: head + model_node + 2 sae_node workers")
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
-        port = free_port()
+        port = a.port or free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 
         def opts(replicas: int, resource: str, **extra) -> dict:

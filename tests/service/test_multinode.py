@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ingress import haproxy_env
 from tests import background
 
 SCRIPT = Path(__file__).with_name("multinode_check.py")
@@ -31,7 +32,9 @@ def run_multinode_check() -> tuple[int, str]:
     # Several Ray nodes on one machine: each node's HAProxy would bind the same stats and metrics ports. This test is
     # about placement and node loss, not the ingress, so its cluster uses Serve's Python proxy.
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--budget", str(BUDGET_S)], cwd=REPO, env=env,
+    # its proxy's port: one the session's block keeps for its caller (a probed free port can be taken before it binds)
+    port = haproxy_env.block_port(os.environ, 1)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--budget", str(BUDGET_S), "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=HARD_LIMIT_S)
