@@ -93,19 +93,91 @@ def single_answer(s: LoadedSAE, item: P.ShardItem, feats: torch.Tensor, column: 
 
 def merge_answers(answers: list, merges: list[P.MergeGroup]) -> list:
     """``answers`` with each merge group's rankings replaced by their merge (protocol.MergeGroup): the group's first
-    answered item gets the merged pairs, its other answered items an empty MergedRanking; failed items keep theirs."""
-    if not merges:
-        return answers
+    answered item gets the merged pairs, its other answered items an empty MergedRanking; failed items keep theirs.
+    A ranking is a list of rows or an F.Ranking (rank_many's, rows built on demand); any F.Ranking left unmerged
+    comes back as its list of rows. A group of F.Rankings by max merges them without building the rows it drops."""
+    ranked = (list, F.Ranking)
     out = list(answers)
     for g in merges:
-        done = [(i, src) for i, src in zip(g.items, g.sources) if 0 <= i < len(answers) and isinstance(answers[i], list)]
+        done = [(i, src) for i, src in zip(g.items, g.sources) if 0 <= i < len(answers) and isinstance(answers[i], ranked)]
         if not done:
             continue
-        pairs = [(src, row) for i, src in done for row in answers[i]]
-        out[done[0][0]] = P.MergedRanking(F.merge_pairs(pairs, g.num_results, g.by_sum))
+        if not g.by_sum and all(isinstance(answers[i], F.Ranking) for i, _ in done):
+            merged = F.merge_rankings([(src, answers[i]) for i, src in done], g.num_results)
+        else:
+            pairs = [(src, row) for i, src in done for row in _rows(answers[i])]
+            merged = F.merge_pairs(pairs, g.num_results, g.by_sum)
+        out[done[0][0]] = P.MergedRanking(merged)
         for i, _ in done[1:]:
             out[i] = P.MergedRanking()
-    return out
+    if not merges and not any(isinstance(a, F.Ranking) for a in answers):
+        return answers
+    return [_rows(a) for a in out]
+
+
+def _rows(answer):
+    return answer.rows() if isinstance(answer, F.Ranking) else answer
+
+
+# Codes up to this many elements (2 MB in float32) are joined to be ranked with other SAEs': below it a ranking's
+# dozen tensor ops cost more than the copy that joins them (the demo pack's 4 SAEs x 5 prompts: one rank_many call
+# for the lot took 1.3 ms, four took 2.7), above it the copy would cost memory for nothing.
+JOIN_RANK_ELEMENTS = 1 << 19
+
+
+class _RankQueue:
+    """Plain rankings (engine.features.rank_many by max) waiting to be ranked together: the prompts of one SAE's
+    chunk and, while their codes stay under JOIN_RANK_ELEMENTS and have the same width, dtype and device, of the
+    next SAEs'. Each item's answer is an F.Ranking (rows built by merge_answers, most of them never) or, for a lone
+    prompt, rank_features' rows (cheaper for one: 0.2 against 0.5 ms on the demo pack)."""
+
+    def __init__(self, items: list[P.ShardItem], out: list, device: str):
+        self.items, self.out, self.device = items, out, device
+        self._codes: list[torch.Tensor] = []  # one tensor per chunk added: its plain items' codes, stacked
+        self._idx: list[int] = []
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, codes: torch.Tensor | None, idx: list[int], parts: list[torch.Tensor]) -> None:
+        """Items ``idx`` (positions in ``items``) whose codes are ``parts``; ``codes``: those stacked, if the caller
+        has them (a chunk of plain items only)."""
+        codes = codes if codes is not None else (parts[0] if len(parts) == 1 else torch.cat(parts))
+        if self._codes and not self._joins(codes):
+            self.flush()
+        self._codes.append(codes)
+        self._idx += idx
+        self._parts += parts
+        if sum(c.numel() for c in self._codes) >= JOIN_RANK_ELEMENTS:
+            self.flush()
+
+    def _joins(self, codes: torch.Tensor) -> bool:
+        first = self._codes[0]
+        return (codes.shape[1] == first.shape[1] and codes.dtype == first.dtype and codes.device == first.device
+                and sum(c.numel() for c in self._codes) + codes.numel() <= JOIN_RANK_ELEMENTS)
+
+    def flush(self) -> None:
+        if not self._idx:
+            return
+        codes, idx, parts = self._codes, self._idx, self._parts
+        self._codes, self._idx, self._parts = [], [], []
+        ops = [self.items[i].op for i in idx]
+        if len(idx) > 1:
+            try:
+                ranked = F.rank_many(codes[0] if len(codes) == 1 else torch.cat(codes), [p.shape[0] for p in parts],
+                                     [o.num_results for o in ops], [o.ignore_bos for o in ops], lazy=True)
+            except Exception as e:  # then one by one below, each item with its own outcome
+                if is_out_of_memory(e):
+                    release_cached_memory(self.device)
+                else:
+                    log.exception("ranking %d prompts together failed: ranking them one by one", len(idx))
+            else:
+                for i, r in zip(idx, ranked):
+                    self.out[i] = r
+                return
+        for i, f, op in zip(idx, parts, ops):
+            try:
+                self.out[i] = F.rank_features(f, op.num_results, op.sort_by_token_indexes, op.ignore_bos, op.feature_filter)
+            except RequestError as e:
+                self.out[i] = P.ItemError(e.message, e.status)
 
 
 def _gpu_share() -> float | None:
@@ -275,14 +347,16 @@ class SAEShard:
 
     def _answer_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem], chunk_sizes: list[int]) -> list:
         """Every item's answer: per SAE, its items' activations encoded as one matmul (in chunks of
-        ``encode_batch_size`` prompts, whose sizes go to ``chunk_sizes``), then each item's operation (plain rankings
-        of a chunk together, engine.features.rank_many). A failing item gets an ItemError. Touches nothing shared
-        but the SAEs' weights, which it only reads: lanes run it side by side."""
+        ``encode_batch_size`` prompts, whose sizes go to ``chunk_sizes``), then each item's operation. Plain rankings
+        (activation/all's usual case) wait in a :class:`_RankQueue` and are ranked together, those of several SAEs
+        in one engine.features.rank_many call while their codes are small. A failing item gets an ItemError.
+        Touches nothing shared but the SAEs' weights, which it only reads: lanes run it side by side."""
         out: list = [P.NotHere()] * len(items)
         by_sae: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             if it.sae_id in saes:
                 by_sae.setdefault(it.sae_id, []).append(i)
+        queue = _RankQueue(items, out, self.device)
         for sae_id, idx in by_sae.items():
             s = saes[sae_id]
             raw = [i for i in idx if isinstance(items[i].op, P.SimilarityOp)]  # work on the activations, not the codes
@@ -314,33 +388,17 @@ class SAEShard:
                     for i in chunk:
                         out[i] = P.ItemError("Out of memory while encoding these prompts; retry shortly", 503)
                     continue
-                plain = {j: None for j, i in enumerate(chunk) if self._plain_rank(items[i])}
-                # activation/all's usual case: ranked together (engine.features.rank_many), which costs more than
-                # rank_features for one prompt (0.5 vs 0.2 ms on the demo pack) and less from two on (0.8 vs 2.0 at 5)
-                if len(plain) < 2:
-                    plain = {}
+                plain = [j for j, i in enumerate(chunk) if self._plain_rank(items[i])]
                 if plain:
-                    ops = [items[chunk[j]].op for j in plain]
-                    try:
-                        codes = feats if len(plain) == len(chunk) else torch.cat([parts[j] for j in plain])
-                        ranked = F.rank_many(codes, [parts[j].shape[0] for j in plain], [o.num_results for o in ops],
-                                             [o.ignore_bos for o in ops])
-                    except Exception as e:  # then one by one below, each item with its own outcome
-                        if is_out_of_memory(e):
-                            release_cached_memory(self.device)
-                        else:
-                            log.exception("ranking %d prompts together failed: ranking them one by one", len(plain))
-                        plain = {}
-                    else:
-                        for j, rows in zip(plain, ranked):
-                            out[chunk[j]] = rows
+                    queue.add(feats if len(plain) == len(chunk) else None, [chunk[j] for j in plain], [parts[j] for j in plain])
                 for j, (i, f) in enumerate(zip(chunk, parts)):
-                    if j in plain:
+                    if self._plain_rank(items[i]):
                         continue
                     try:
                         out[i] = self._apply(s, items[i], f)
                     except RequestError as e:
                         out[i] = P.ItemError(e.message, e.status)
+        queue.flush()
         return out
 
     @staticmethod

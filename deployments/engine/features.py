@@ -7,6 +7,7 @@ top-k rows leave it.
 
 from __future__ import annotations
 
+import bisect
 import copy
 
 import numpy as np
@@ -186,7 +187,7 @@ def rank_features(
 
 
 def rank_many(feats: torch.Tensor, lengths: list[int], num_results: list[int],
-              ignore_bos: list[bool]) -> list[list[FeatureActivation]]:
+              ignore_bos: list[bool], lazy: bool = False) -> list:
     """``rank_features`` (by max, no filter) of several prompts whose codes are stacked along positions, ``feats``
     ``[sum(lengths), d_sae]``: the same answers, bit for bit, in a dozen tensor ops for the lot instead of a
     dozen per prompt (at 16 prompts x 24 SAEs a shard call's per-prompt ops cost more than its encodes).
@@ -231,14 +232,75 @@ def rank_many(feats: torch.Tensor, lengths: list[int], num_results: list[int],
     max_index = torch.full((n, k), feats.shape[0], dtype=torch.long, device=dev)
     max_index.scatter_reduce_(0, job[:, None].expand(-1, k), first, "amin")
     max_index = torch.where(max_index == feats.shape[0], 0, max_index)  # an empty prompt's argmax is 0
-    by_pos = rows.T.tolist()  # [k][rows]
-    out, at = [], 0
-    for i, (ln, kk) in enumerate(zip(lengths, num_results)):
-        kk = max(0, min(kk, d_sae))
-        ids, mv, mi = order[i, :kk].tolist(), max_values[i, :kk].tolist(), max_index[i, :kk].tolist()
-        out.append([FeatureActivation(index=f, values=by_pos[j][at:at + ln], max_value=float(m), max_value_index=int(x),
-                                      sum_values=0.0) for j, (f, m, x) in enumerate(zip(ids, mv, mi))])
-        at += ln
+    batch = _RankedBatch(order, max_values, max_index, rows, lengths, [max(0, min(kk, d_sae)) for kk in num_results])
+    if lazy:
+        return [Ranking(batch, i) for i in range(n)]
+    return [Ranking(batch, i).rows() for i in range(n)]
+
+
+class _RankedBatch:
+    """rank_many's tensors for a batch of prompts, as Python lists (one ``tolist`` each for the whole batch)."""
+
+    __slots__ = ("max_values", "ids", "mv", "mi", "by_pos", "starts", "lengths", "ks")
+
+    def __init__(self, order, max_values, max_index, rows, lengths, ks):
+        self.max_values = max_values  # [n, k] tensor, for merges (merge_rankings)
+        self.ids, self.mv, self.mi = order.tolist(), max_values.tolist(), max_index.tolist()
+        self.by_pos = rows.T.tolist()  # [k][rows]: each pick's values at every row of the batch
+        self.starts, at = [], 0
+        for ln in lengths:
+            self.starts.append(at)
+            at += ln
+        self.lengths, self.ks = lengths, ks
+
+
+class Ranking:
+    """One prompt's rank_many answer (by max, finite maxima) whose rows are built when asked for: a merge that keeps
+    a few of a call's rows (activation/all over several SAEs keeps ``num_results`` of ``num_results`` per SAE) builds
+    only those (merge_rankings)."""
+
+    __slots__ = ("_b", "_i")
+
+    def __init__(self, batch: _RankedBatch, i: int):
+        self._b, self._i = batch, i
+
+    def __len__(self) -> int:
+        return self._b.ks[self._i]
+
+    def scores(self) -> torch.Tensor:
+        """Its rows' scores (their max values), in its order: ``[len(self)]`` on the codes' device and dtype."""
+        return self._b.max_values[self._i, :len(self)]
+
+    def row(self, j: int) -> FeatureActivation:
+        b, i = self._b, self._i
+        at = b.starts[i]
+        return FeatureActivation(index=b.ids[i][j], values=b.by_pos[j][at:at + b.lengths[i]], max_value=float(b.mv[i][j]),
+                                 max_value_index=int(b.mi[i][j]), sum_values=0.0)
+
+    def rows(self) -> list[FeatureActivation]:
+        return [self.row(j) for j in range(len(self))]
+
+
+def merge_rankings(sources: list[tuple[int, Ranking]], num_results: int) -> list[tuple[int, FeatureActivation]]:
+    """``merge_pairs(..., by_sum=False)`` of rankings from rank_many(lazy=True), building only the rows that make it.
+
+    Each ranking is in score-descending order with ties in index order, and its scores are finite; so a stable
+    descending sort of the scores of the rankings laid end to end in source order puts ties by source, then index:
+    merge_pairs' order. One sort for the lot instead of a key per row."""
+    sources = sorted(sources, key=lambda p: p[0])
+    if not sources or num_results <= 0:
+        return []
+    scores = torch.cat([r.scores().to(device="cpu", dtype=torch.float64) for _, r in sources])  # exact for any float
+    picks = torch.sort(scores, descending=True, stable=True).indices[:num_results].tolist()
+    starts, at = [], 0
+    for _, r in sources:
+        starts.append(at)
+        at += len(r)
+    out = []
+    for p in picks:
+        k = bisect.bisect_right(starts, p) - 1
+        src, r = sources[k]
+        out.append((src, r.row(p - starts[k])))
     return out
 
 

@@ -234,3 +234,16 @@ def test_rank_many_on_device():
     with OffDevice():
         got = F.rank_many(to_other(feats), *args)
     assert got == want
+
+
+def test_lazy_rankings_and_their_merge_on_device():
+    """rank_many(lazy=True) keeps its scores on the codes' device; merge_rankings brings only them to the host."""
+    lengths = [7, 1, 4]
+    feats = torch.cat([_feats(n, seed=i) for i, n in enumerate(lengths)])
+    args = (lengths, [5, 60, 3], [True, True, False])
+    want = F.merge_rankings(list(enumerate(F.rank_many(feats, *args, lazy=True))), 9)
+    with OffDevice():
+        lazy = F.rank_many(to_other(feats), *args, lazy=True)
+        assert all(is_other(r.scores()) for r in lazy)
+        got = F.merge_rankings(list(enumerate(lazy)), 9)
+    assert got == want

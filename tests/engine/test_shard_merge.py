@@ -128,3 +128,71 @@ def test_the_real_shard_merges_as_the_model_would_and_as_sae_lens_ranks(pack_dir
         ref = R.ranked(feats, n, sort_idx, k != 1)
         for (s, row), (rs, rf, rmax, _, rsum, _) in zip(got, ref):
             assert math.isclose(row.score(by_sum), rsum if by_sum else rmax, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def _codes(rng: torch.Generator, rows: int, d_sae: int, dtype) -> torch.Tensor:
+    # few distinct values, signed zeros among them: ties decide much of the order
+    levels = torch.tensor([0.0, -0.0, 0.5, 1.0, 2.0, 3.0])
+    return levels[torch.randint(0, len(levels), (rows, d_sae), generator=rng)].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merging_lazy_rankings_equals_merging_their_rows(dtype):
+    """merge_rankings (one stable sort over the rankings' scores, rows built for the winners only) answers as
+    merge_pairs does on every row: the same (source, row) pairs in the same order, ties by source then index."""
+    rng = torch.Generator().manual_seed(0)
+    prng = random.Random(0)
+    for case in range(200):
+        n, d_sae = prng.randint(1, 6), prng.choice([3, 8, 40])
+        lengths = [prng.randint(0, 5) for _ in range(n)]
+        ks = [prng.choice([0, 1, 3, 8, 50]) for _ in range(n)]
+        bos = [prng.random() < 0.5 for _ in range(n)]
+        lazy = F.rank_many(_codes(rng, sum(lengths), d_sae, dtype), lengths, ks, bos, lazy=True)
+        assert all(isinstance(r, F.Ranking) for r in lazy)
+        sources = prng.sample(range(10), n)  # task indices, in any order
+        num = prng.randint(0, 30)
+        got = F.merge_rankings(list(zip(sources, lazy)), num)
+        want = F.merge_pairs([(s, row) for s, r in zip(sources, lazy) for row in r.rows()], num, False)
+        assert got == want, case
+
+
+def test_lazy_rankings_build_the_rows_rank_many_gives():
+    rng = torch.Generator().manual_seed(1)
+    lengths, ks, bos = [4, 0, 1, 6], [3, 2, 9, 40], [True, False, True, False]
+    codes = _codes(rng, sum(lengths), 16, torch.float32)
+    lazy = F.rank_many(codes, lengths, ks, bos, lazy=True)
+    assert [r.rows() for r in lazy] == F.rank_many(codes, lengths, ks, bos)
+    assert [len(r) for r in lazy] == [3, 2, 9, 16]
+
+
+def test_the_rank_queue_answers_each_item_as_rank_features_alone(monkeypatch):
+    """Plain rankings of several SAEs' chunks join in one rank_many call while their codes are small and alike
+    (width, dtype), and each item's answer is what rank_features gives it alone, whatever was joined."""
+    from deployments import sae_shard
+
+    rng = torch.Generator().manual_seed(2)
+    chunks = [(16, torch.float32, [3, 5]), (16, torch.float32, [2]), (8, torch.float32, [4, 1]),
+              (16, torch.bfloat16, [2, 2]), (16, torch.bfloat16, [6])]
+    calls = []
+    real = F.rank_many
+    monkeypatch.setattr(F, "rank_many", lambda codes, lengths, *a, **k: calls.append(len(lengths)) or real(codes, lengths, *a, **k))
+    for join in (sae_shard.JOIN_RANK_ELEMENTS, 0):
+        monkeypatch.setattr(sae_shard, "JOIN_RANK_ELEMENTS", join)
+        calls.clear()
+        items, parts_of, out = [], {}, []
+        queue = sae_shard._RankQueue(items, out, "cpu")
+        for d_sae, dtype, lengths in chunks:
+            idx = []
+            for ln in lengths:
+                idx.append(len(items))
+                parts_of[len(items)] = _codes(rng, ln, d_sae, dtype)
+                items.append(P.ShardItem("x", np.zeros((ln, 2), np.float32), P.RankOp(4, [], len(items) % 2 == 0)))
+                out.append(None)
+            queue.add(None, idx, [parts_of[i] for i in idx])
+        queue.flush()
+        for i, it in enumerate(items):
+            got = out[i].rows() if isinstance(out[i], F.Ranking) else out[i]
+            assert got == F.rank_features(parts_of[i], 4, [], it.op.ignore_bos), (join, i)
+        # joined: the two float32 width-16 chunks, then the width-8 one, then both bfloat16 ones; apart: each chunk
+        # of two or more prompts (a lone prompt goes to rank_features)
+        assert calls == ([3, 2, 3] if join else [2, 2, 2]), join
