@@ -9,7 +9,7 @@ import time
 import httpx
 
 
-def free_port() -> int:
+def proxy_port() -> int:
     """The HTTP proxy's port: the caller's port of this process's block when it has one (``haproxy_env.isolate``; a
     port below the ephemeral range, which nothing else is handed before the proxy binds it), else any free port."""
     from ingress import haproxy_env
@@ -64,7 +64,7 @@ def start(app_args: dict, num_cpus: int | None = None, timeout_s: float = 300) -
             kw["num_gpus"] = torch.cuda.device_count()
         ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, **kw)
-    port = free_port()
+    port = proxy_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs.model_validate(app_args)), name="saeserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"

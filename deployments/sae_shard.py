@@ -134,6 +134,7 @@ class _RankQueue:
     def __init__(self, items: list[P.ShardItem], out: list, device: str):
         self.items, self.out, self.device = items, out, device
         self._codes: list[torch.Tensor] = []  # one tensor per chunk added: its plain items' codes, stacked
+        self._numel = 0  # their elements
         self._idx: list[int] = []
         self._parts: list[torch.Tensor] = []
 
@@ -144,21 +145,22 @@ class _RankQueue:
         if self._codes and not self._joins(codes):
             self.flush()
         self._codes.append(codes)
+        self._numel += codes.numel()
         self._idx += idx
         self._parts += parts
-        if sum(c.numel() for c in self._codes) >= JOIN_RANK_ELEMENTS:
+        if self._numel >= JOIN_RANK_ELEMENTS:
             self.flush()
 
     def _joins(self, codes: torch.Tensor) -> bool:
         first = self._codes[0]
         return (codes.shape[1] == first.shape[1] and codes.dtype == first.dtype and codes.device == first.device
-                and sum(c.numel() for c in self._codes) + codes.numel() <= JOIN_RANK_ELEMENTS)
+                and self._numel + codes.numel() <= JOIN_RANK_ELEMENTS)
 
     def flush(self) -> None:
         if not self._idx:
             return
         codes, idx, parts = self._codes, self._idx, self._parts
-        self._codes, self._idx, self._parts = [], [], []
+        self._codes, self._numel, self._idx, self._parts = [], 0, [], []
         ops = [self.items[i].op for i in idx]
         if len(idx) > 1:
             try:
@@ -391,8 +393,9 @@ class SAEShard:
                 plain = [j for j, i in enumerate(chunk) if self._plain_rank(items[i])]
                 if plain:
                     queue.add(feats if len(plain) == len(chunk) else None, [chunk[j] for j in plain], [parts[j] for j in plain])
+                queued = set(plain)
                 for j, (i, f) in enumerate(zip(chunk, parts)):
-                    if self._plain_rank(items[i]):
+                    if j in queued:
                         continue
                     try:
                         out[i] = self._apply(s, items[i], f)

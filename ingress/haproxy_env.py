@@ -27,15 +27,16 @@ import tempfile
 
 log = logging.getLogger(__name__)
 
-# Ray Serve 2.60's names (ray/serve/_private/constants.py) and, for the ports, its defaults.
+# Ray Serve 2.60's names (ray/serve/_private/constants.py).
 FILE_VARS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
              "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
              "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
 BASE_VAR = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"
-# The fallback proxy (Serve's Python proxy that HAProxy falls back to while no ingress replica is up) binds its fixed
-# port with SO_REUSEPORT too: two Rays' fallbacks would share it.
-SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
-              "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
+# Side ports, fixed by default (8404, 9101, 8500, 9500): isolate() puts each in the Ray's block. The fallback proxy
+# (Serve's Python proxy that HAProxy falls back to while no ingress replica is up) binds its port with SO_REUSEPORT
+# too: two Rays' fallbacks would share it.
+SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+              "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 # A block: BLOCK ports in [20000, 30000), apart from Serve's defaults (30000-31000, 40000-41000) that a plain
 # `serve run` on this machine uses. Its first REPLICA_PORTS are Serve's HTTP replica ports (gRPC: the same 10000
 # lower), then one port per side port, then the caller's ports.
@@ -81,7 +82,7 @@ def _first(block: int) -> int:
 
 
 def _side_port(block: int, var: str) -> int:
-    return _first(block) + REPLICA_PORTS + list(SIDE_PORTS).index(var)
+    return _first(block) + REPLICA_PORTS + SIDE_PORTS.index(var)
 
 
 _handed_out: set[int] = set()  # blocks this process gave a Ray: two Rays it starts at once pick apart

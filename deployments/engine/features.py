@@ -241,10 +241,9 @@ def rank_many(feats: torch.Tensor, lengths: list[int], num_results: list[int],
 class _RankedBatch:
     """rank_many's tensors for a batch of prompts, as Python lists (one ``tolist`` each for the whole batch)."""
 
-    __slots__ = ("max_values", "ids", "mv", "mi", "by_pos", "starts", "lengths", "ks")
+    __slots__ = ("ids", "mv", "mi", "by_pos", "starts", "lengths", "ks")
 
     def __init__(self, order, max_values, max_index, rows, lengths, ks):
-        self.max_values = max_values  # [n, k] tensor, for merges (merge_rankings)
         self.ids, self.mv, self.mi = order.tolist(), max_values.tolist(), max_index.tolist()
         self.by_pos = rows.T.tolist()  # [k][rows]: each pick's values at every row of the batch
         self.starts, at = [], 0
@@ -267,9 +266,9 @@ class Ranking:
     def __len__(self) -> int:
         return self._b.ks[self._i]
 
-    def scores(self) -> torch.Tensor:
-        """Its rows' scores (their max values), in its order: ``[len(self)]`` on the codes' device and dtype."""
-        return self._b.max_values[self._i, :len(self)]
+    def scores(self) -> list[float]:
+        """Its rows' scores (their max values), in its order (already on the host: no device copy to merge)."""
+        return self._b.mv[self._i][:len(self)]
 
     def row(self, j: int) -> FeatureActivation:
         b, i = self._b, self._i
@@ -288,10 +287,10 @@ def merge_rankings(sources: list[tuple[int, Ranking]], num_results: int) -> list
     descending sort of the scores of the rankings laid end to end in source order puts ties by source, then index:
     merge_pairs' order. One sort for the lot instead of a key per row."""
     sources = sorted(sources, key=lambda p: p[0])
-    if not sources or num_results <= 0:
+    if not sources:
         return []
-    scores = torch.cat([r.scores().to(device="cpu", dtype=torch.float64) for _, r in sources])  # exact for any float
-    picks = torch.sort(scores, descending=True, stable=True).indices[:num_results].tolist()
+    scores = torch.tensor([v for _, r in sources for v in r.scores()], dtype=torch.float64)  # Python floats: exact
+    picks = torch.sort(scores, descending=True, stable=True).indices.tolist()[:num_results]  # merge_pairs' slice
     starts, at = [], 0
     for _, r in sources:
         starts.append(at)
