@@ -7,7 +7,9 @@ differential tests check it) without needing the model, so the ingress can token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 
 from .errors import RequestError
 
@@ -43,13 +45,45 @@ def tokenizer_prepends_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
+@dataclass
+class _TokenTable:
+    """What a tokenizer says of single ids, kept per tokenizer: a token decoded alone and the special ids are pure
+    functions of its vocabulary, and asking the tokenizer costs ~0.1 ms a prompt (its Python call machinery, once
+    per token for the strings), more than the rest of the ingress's tokenizing. ``size`` (the vocabulary with
+    added tokens) is what it was filled at: a tokenizer that gains tokens gets a fresh table."""
+
+    size: int
+    special: frozenset[int]
+    strs: dict[int, str] = field(default_factory=dict)
+
+
+_TABLES: "weakref.WeakKeyDictionary[object, _TokenTable]" = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()  # tokenizing runs on the event loop and, for long texts, on worker threads
+
+
+def _table(tokenizer) -> _TokenTable:
+    size = len(tokenizer)
+    t = _TABLES.get(tokenizer)
+    if t is None or t.size != size:
+        t = _TokenTable(size, frozenset(tokenizer.all_special_ids))
+        with _TABLES_LOCK:
+            _TABLES[tokenizer] = t
+    return t
+
+
 def str_tokens(tokenizer, ids: list[int]) -> list[str]:
-    """Each token decoded on its own, as ``model.to_str_tokens`` does."""
-    return tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    """Each token decoded on its own, as ``model.to_str_tokens`` does (memoised per tokenizer and id)."""
+    table = _table(tokenizer)
+    strs = table.strs
+    missing = [i for i in dict.fromkeys(ids) if i not in strs]
+    if missing:
+        decoded = tokenizer.batch_decode([[i] for i in missing], clean_up_tokenization_spaces=False)
+        strs.update(zip(missing, decoded))  # one dict update: a concurrent reader sees each entry whole
+    return [strs[i] for i in ids]
 
 
 def special_flags(tokenizer, ids: list[int]) -> list[bool]:
-    special = set(tokenizer.all_special_ids)
+    special = _table(tokenizer).special
     return [i in special for i in ids]
 
 

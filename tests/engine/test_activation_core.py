@@ -56,6 +56,22 @@ def test_feature_tokens_match_transformer_lens(pack_dir, runner, text):
     assert T.special_flags(runner.tokenizer, ids)[0] is True
 
 
+def test_token_table_is_the_tokenizer_asked_each_time(pack_dir):
+    """str_tokens / special_flags memoise per tokenizer: the same answers as asking the tokenizer, every id of the
+    vocabulary, repeated and unseen ids mixed; a tokenizer that gains a special token gets a fresh table."""
+    tok = load_model(str(pack_dir)).tokenizer  # its own copy: the test adds a token to it
+    ids = list(range(len(tok)))
+    asked = lambda xs: tok.batch_decode([[i] for i in xs], clean_up_tokenization_spaces=False)
+    assert T.str_tokens(tok, ids[:7] + ids[:3]) == asked(ids[:7] + ids[:3])
+    assert T.str_tokens(tok, ids[::-1]) == asked(ids[::-1])
+    special = set(tok.all_special_ids)
+    assert T.special_flags(tok, ids) == [i in special for i in ids] and any(T.special_flags(tok, ids))
+    tok.add_special_tokens({"additional_special_tokens": ["<|test-added|>"]})
+    new = tok.convert_tokens_to_ids("<|test-added|>")
+    assert new == len(tok) - 1 and T.special_flags(tok, [new]) == [True]
+    assert T.str_tokens(tok, [new, 0]) == asked([new, 0]) == ["<|test-added|>", asked([0])[0]]
+
+
 def test_default_bos_policy_matches_to_tokens(pack_dir, runner):
     m = R.model(str(pack_dir))
     for prepend in (True, False):
