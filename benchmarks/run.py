@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from deployments import stage_trace  # noqa: E402
+
+from . import stages  # noqa: E402
 from .load import CellResult, pooled, run_concurrent, run_serial  # noqa: E402
 from .shapes import SHAPES, Shape, ensure_pack, resolve_layers  # noqa: E402
 from .workloads import WORKLOADS, Workload, make_prompts  # noqa: E402
@@ -202,7 +206,8 @@ def capture_delta(before: dict | None, after: dict | None, requests: int = 0) ->
 async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], prompts: list[tuple[str, int]],
                             n: int, concurrency: list[int], max_seconds: float, steer_n: int,
                             profile: tuple[str, int] | None, profile_dir: Path | None,
-                            on_cell=lambda cells: None, client: str = "raw") -> list[CellResult]:
+                            on_cell=lambda cells: None, client: str = "raw",
+                            stages_dir: str | None = None) -> list[CellResult]:
     import httpx
 
     from .rawclient import RawPool
@@ -229,13 +234,19 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                 if profile and profile == (w.name, c):
                     prof = Profiler(profile_dir, f"{w.name}-c{c}")
                 before: list[dict | None] = []
+                window = []
                 try:
                     r = await run_concurrent(w.name, send, count, c, max_seconds, warmup=min(max(c, 2), 8 if w.kind == "steer" else 32),
-                                             on_measure=lambda: before.append(capture_stats()))
+                                             on_measure=lambda: (before.append(capture_stats()), window.append(time.time())))
+                    window.append(time.time())
                 finally:
                     if prof:
                         prof.stop()
                 r.model = capture_delta(before[0] if before else None, capture_stats(), r.requests)
+                if stages_dir and r.model is not None and len(window) == 2:
+                    s = stages.summary(stage_trace.read(stages_dir), *window)
+                    if s:
+                        r.model["stages"] = s
                 out.append(r)
                 on_cell(out)
                 m = r.model
@@ -247,6 +258,8 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                       + (f"  calls/req {m['handle_calls_per_request']}" if m and "handle_calls_per_request" in m else "")
                       + (f"  CPU ms/req {m['cpu_ms_per_request']}" if m and m.get("cpu_ms_per_request") else "")
                       + (f"  first error: {r.first_error}" if r.first_error else ""), flush=True)
+                if m and m.get("stages"):
+                    print(stages.line(m["stages"]), flush=True)
     return out
 
 
@@ -395,8 +408,13 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-service", action="store_true")
     p.add_argument("--profile", default=None, metavar="WORKLOAD:CONC", help="py-spy every replica during that cell")
     p.add_argument("--profile-dir", default=str(REPO / ".bench" / "profiles"))
+    p.add_argument("--stages", action="store_true",
+                   help="the replicas mark their stages (deployments.stage_trace); each feature cell reports how an "
+                        "ingress call's time splits between compute and hops (benchmarks.stages)")
     a = p.parse_args(argv)
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
+    if a.stages:
+        serve_env[stage_trace.ENV] = tempfile.mkdtemp(prefix="saeserve-stages-")
     os.environ.update(serve_env)  # before Ray is imported: Serve reads its settings from the environment at import
     from ingress import haproxy_env
 
@@ -458,7 +476,8 @@ def main(argv=None) -> dict:
 
             cells = asyncio.run(run_service_cells(base, shape, workloads, prompts, a.requests, concurrency,
                                                   a.max_seconds, a.steer_requests, profile, Path(a.profile_dir),
-                                                  on_cell=partial, client=a.client))
+                                                  on_cell=partial, client=a.client,
+                                                  stages_dir=serve_env.get(stage_trace.ENV)))
         finally:
             service.stop()
         result["service"] = [c.summary() for c in cells]

@@ -21,6 +21,7 @@ import numpy as np
 from ray import serve
 
 from deployments import protocol as P
+from deployments import stage_trace
 from deployments.autoscaling import LOAD_METRIC, with_load_policy
 from deployments.engine import features as F
 from deployments.engine.attention import sparse_pattern
@@ -221,7 +222,9 @@ class ModelDeployment:
         return self._token_s is not None and self._token_s * sum(len(r.tokens) for r in reqs) >= 2 * self.min_lane_work_s
 
     def _capture_items(self, items: list, reqs: list[P.CaptureRequest]) -> list:
+        t0 = stage_trace.now()
         acts = self._locked_capture(reqs)
+        stage_trace.mark("capture", t0, len(reqs))
         out = []
         for it, a in zip(items, acts):
             proj = None
@@ -293,8 +296,10 @@ class ModelDeployment:
         """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
         self._calls["shard_run"] += len(groups)
         per_group = [[e for sae_id in g for e in by_sae[sae_id]] for g in groups]
+        t0 = stage_trace.now()
         answers = await asyncio.gather(*(self._call_shard(g[0], shard_batch(entries, merge))
                                          for g, entries in zip(groups, per_group)), return_exceptions=True)
+        stage_trace.mark("shard_round_trip", t0, sum(map(len, per_group)))
         retry: list[str] = []
         for g, entries, answer in zip(groups, per_group, answers):
             if isinstance(answer, BaseException):

@@ -26,6 +26,7 @@ import torch
 from ray import serve
 
 from deployments import protocol as P
+from deployments import stage_trace
 from deployments.autoscaling import LOAD_METRIC, with_load_policy
 from deployments.checks import check_index
 from deployments.engine import features as F
@@ -326,7 +327,7 @@ class SAEShard:
         """Every item's answer (on the compute thread), split between the task's lanes when it has more than one:
         items in groups of about equal multiply-adds (engine.compute.lane_groups), each answered on its own thread
         as :meth:`_answer_items` answers them all."""
-        t0 = time.thread_time()
+        t0, wall0 = time.thread_time(), stage_trace.now()
         madds = [self._madds(saes, it) for it in items]
         groups = lane_groups(madds, self.compute.lanes) if self.compute.lanes > 1 else [list(range(len(items)))]
         sizes: list[list[int]] = [[] for _ in groups]  # each group's encode chunk sizes (observed here, not in lanes)
@@ -345,7 +346,9 @@ class SAEShard:
                 self._metrics.encode_batch_size.observe(k)
         if sum(madds):
             self._madd_s = moving_average(self._madd_s, work_since(t0, len(groups)) / sum(madds))
-        return merge_answers(out, merges)
+        out = merge_answers(out, merges)
+        stage_trace.mark("shard_compute", wall0, len(items))
+        return out
 
     def _answer_items(self, saes: dict[str, LoadedSAE], items: list[P.ShardItem], chunk_sizes: list[int]) -> list:
         """Every item's answer: per SAE, its items' activations encoded as one matmul (in chunks of

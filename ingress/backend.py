@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, TypeVar
 
 from deployments import protocol as P
+from deployments import stage_trace
 from deployments.engine import tokens as T
 from deployments.engine.errors import RequestError, translate_remote_error
 from deployments.specs import SAESpec
@@ -157,7 +158,9 @@ class CallBatcher:
             self.stats["calls"] += 1
             self.stats["items"] += len(flat)
             try:
+                t0 = stage_trace.now()
                 results = await self.send(flat)
+                stage_trace.mark("ingress_call", t0, len(flat))
             except BaseException as e:  # noqa: BLE001 - every caller hears it; the batcher keeps going
                 for _, fut in batch:
                     if not fut.done():

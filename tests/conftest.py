@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -56,6 +57,8 @@ def pack_dir() -> Path:
 # --- the session's Ray and the main app ---------------------------------------------------------------------
 
 SECRET = "test-secret-Zq81"
+# The session's replicas mark their stages here (deployments.stage_trace): tests/service/test_stage_trace.py reads them.
+STAGE_TRACE_DIR = tempfile.mkdtemp(prefix="saeserve-test-stages-")
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +73,12 @@ def ray_session():
         os.environ.setdefault(header_timeout.ENV, "5")
         # Serve kills a proxy not ready in 5 s (serve.start then fails); beside other tests on 2 cores that happens.
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+        from deployments import stage_trace
+
+        # the replicas' environment only: in-process tests (this process) mark nothing
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+                                           stage_trace.ENV: STAGE_TRACE_DIR}})
     yield ray
     from ray import serve
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from benchmarks.baseline import Baseline
 from benchmarks.load import run_concurrent
 from benchmarks.shapes import SHAPES, ensure_pack
 from benchmarks.workloads import WORKLOADS, make_prompts
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +200,63 @@ def test_steer_bench_runs_every_measurement_at_a_tiny_size(tmp_path):
     conc = res["concurrency"]
     assert conc["lanes"] == 2 and conc["baseline_serial"]["torch_threads"] == 2 * res["machine"]["threads"]
     assert all(r["equals_alone"] and r["tokens"] == r["requests"] * 2 * 3 for r in conc["levels"].values())
+
+
+def test_stage_figures_equal_a_brute_force_count():
+    """benchmarks.stages: busy shares and the per-call split, against the same quantities counted on a fine grid
+    over random spans (and the marks' file format, written and read back)."""
+    import random
+
+    import numpy as np
+
+    from benchmarks import stages
+
+    rng = random.Random(3)
+    for case in range(50):
+        marks = {}
+        for k in stages.STAGES:
+            spans = []
+            for _ in range(rng.randint(1, 8)):
+                a = rng.uniform(0, 1)
+                spans.append((a, a + rng.uniform(0.001, 0.3), rng.randint(1, 5)))
+            marks[k] = sorted(spans)
+        start, end = 0.1, 0.9
+        s = stages.summary(marks, start, end)
+        inside = {k: [x for x in v if x[0] >= start and x[1] <= end] for k, v in marks.items()}
+        if not inside["ingress_call"]:
+            assert s is None
+            continue
+        grid = np.arange(start, end, 1e-5) + 5e-6
+        on = {k: np.zeros(len(grid), bool) for k in stages.STAGES}
+        for k, v in inside.items():
+            for a, b, _ in v:
+                on[k] |= (grid >= a) & (grid < b)
+        for k in stages.STAGES:
+            assert abs(s[k]["busy_share"] - on[k].mean()) < 2e-3, (case, k)
+            assert s[k]["count"] == len(inside[k])
+        assert abs(s["neither_computes_share"] - (~on["capture"] & ~on["shard_compute"]).mean()) < 2e-3
+        assert abs(s["both_compute_share"] - (on["capture"] & on["shard_compute"]).mean()) < 2e-3
+        ms = lambda k: 1000 * sum(b - a for a, b, _ in inside[k]) / len(inside["ingress_call"])  # noqa: E731
+        p = s["per_ingress_call_ms"]
+        assert abs(p["total"] - ms("ingress_call")) < 0.02 and abs(p["capture"] - ms("capture")) < 0.02
+        assert abs(p["model_shard_hops"] - (ms("shard_round_trip") - ms("shard_compute"))) < 0.02
+        assert abs(p["total"] - p["capture"] - p["shard_compute"] - p["model_shard_hops"] - p["rest"]) < 0.05
+
+
+def test_stage_marks_are_off_unless_the_environment_names_a_directory(tmp_path):
+    """Unset: mark writes nothing. Set (in a fresh process, as a replica reads it at import): one line per mark,
+    read back per stage."""
+    import subprocess
+    import sys
+
+    from deployments import stage_trace
+
+    code = ("from deployments import stage_trace as s; t = s.now(); s.mark('capture', t, 3); s.mark('capture', t - 1, 2); "
+            "s.mark('ingress_call', t, 1)")
+    env = {k: v for k, v in os.environ.items() if k != stage_trace.ENV}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    assert not any(tmp_path.iterdir())
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, stage_trace.ENV: str(tmp_path)}, cwd=REPO)
+    marks = stage_trace.read(str(tmp_path))
+    assert sorted(marks) == ["capture", "ingress_call"] and [n for *_, n in marks["capture"]] == [2, 3]
+    assert all(a <= b for a, b, _ in marks["capture"] + marks["ingress_call"])
