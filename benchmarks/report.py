@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from . import stages
 from .run import markdown_table, targets_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,14 +29,6 @@ def load_results(paths: list[Path]) -> list[dict]:
         results.append(r)
     results.sort(key=lambda r: (ORDER.get(r.get("shape"), 9), r.get("machine", {}).get("device", "")))
     return results
-
-
-def stages_text(s: dict) -> str:
-    p = s["per_ingress_call_ms"]
-    return (f" {p['total']:.1f} ms = forward pass {p['capture']:.1f} + shard compute {p['shard_compute']:.1f} + "
-            f"model↔shard hops {p['model_shard_hops']:.1f} + ingress↔model hops and queues {p['rest']:.1f}; the model "
-            f"computes {s['capture']['busy_share']:.0%} of the time, the shard {s['shard_compute']['busy_share']:.0%}, "
-            f"neither {s['neither_computes_share']:.0%}")
 
 
 def render(results: list[dict]) -> str:
@@ -81,7 +74,7 @@ def render(results: list[dict]) -> str:
         if traced:
             out += ["Where an ingress call's time goes (`--stages`: the replicas' stage marks, benchmarks/stages.py; "
                     "means per ModelDeployment call of the ingress):", ""]
-            out += [f"- {c['workload']} c={c['concurrency']}:" + stages_text(c["model"]["stages"]) for c in traced]
+            out += [f"- {c['workload']} c={c['concurrency']}: {stages.text(c['model']['stages'])}" for c in traced]
             out += [""]
         if r.get("targets"):
             out += ["Targets (issues 14 and 17, for this shape; same-run figures):", "", targets_text(r["targets"]), ""]

@@ -1,17 +1,21 @@
 """Per-cell stage figures from the replicas' stage marks (deployments.stage_trace; ``benchmarks.run --stages``).
 
-An ingress call's wall time splits, on average, into the model's forward pass, the shard's compute, the hops
-between the model and the shards (``shard_round_trip`` less the shard's compute), and the rest: the hops between
-the ingress and the model and the queues inside the model (``ingress_call`` less the other three). Averages per
-ingress call are exact sums over the cell (a forward pass that serves two calls counts once, shared between them);
-no span is matched to another.
+An ingress call's wall time splits, on average, into seven parts: the transport to the model and back
+(``ingress_call`` less ``model_call``), the model's queues (``model_call`` less its forward pass and its shard
+round trip: the batcher, the compute thread's queue, the fan-out), the forward pass, the transport to the shard
+and back (``shard_round_trip`` less ``shard_call``), the shard's queues (``shard_call`` less ``shard_compute``),
+and the shard's compute. Each is a mean per ingress call, from sums over the cell; no span is matched to another
+(a forward pass that serves two calls counts once, and the model's queues absorb the overlap). The shard's split
+needs one shard call per round trip (one replica holding a batch's SAEs, as in the benchmark): where a round trip
+made several calls at once, their spans overlap, and those figures are left out (None): the round trip
+(``shard_round_trip``, also given) is then the finest split.
 """
 
 from __future__ import annotations
 
 import statistics
 
-STAGES = ("ingress_call", "capture", "shard_round_trip", "shard_compute")
+STAGES = ("ingress_call", "model_call", "capture", "shard_round_trip", "shard_call", "shard_compute")
 
 
 def busy(spans: list[tuple[float, float, int]], start: float, end: float) -> list[tuple[float, float]]:
@@ -63,13 +67,17 @@ def summary(marks: dict[str, list[tuple[float, float, int]]], start: float, end:
                   "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
                   "busy_share": round(_length(busy(v, start, end)) / window, 3)}
     per = {k: total[k] / calls for k in STAGES}
-    out["per_ingress_call_ms"] = {
-        "total": round(per["ingress_call"], 2),
-        "capture": round(per["capture"], 2),
-        "shard_compute": round(per["shard_compute"], 2),
-        "model_shard_hops": round(per["shard_round_trip"] - per["shard_compute"], 2),
-        "rest": round(per["ingress_call"] - per["capture"] - per["shard_round_trip"], 2),
-    }
+    one_call_each = len(spans["shard_call"]) == len(spans["shard_round_trip"])
+    out["per_ingress_call_ms"] = {k: None if v is None else round(v, 2) for k, v in {
+        "total": per["ingress_call"],
+        "ingress_model_transport": per["ingress_call"] - per["model_call"],
+        "model_queues": per["model_call"] - per["capture"] - per["shard_round_trip"],
+        "capture": per["capture"],
+        "shard_round_trip": per["shard_round_trip"],
+        "model_shard_transport": per["shard_round_trip"] - per["shard_call"] if one_call_each else None,
+        "shard_queues": per["shard_call"] - per["shard_compute"] if one_call_each else None,
+        "shard_compute": per["shard_compute"],
+    }.items()}
     model, shard = busy(spans["capture"], start, end), busy(spans["shard_compute"], start, end)
     both = _length(_intersect(model, shard))
     out["neither_computes_share"] = round(1 - (_length(model) + _length(shard) - both) / window, 3)
@@ -77,10 +85,18 @@ def summary(marks: dict[str, list[tuple[float, float, int]]], start: float, end:
     return out
 
 
+def text(s: dict) -> str:
+    """The split of an ingress call and who computes when, in words (the run's log, the report)."""
+    p = s["per_ingress_call_ms"]
+    shard = (f"model↔shard transport {p['model_shard_transport']:.1f} + shard queues {p['shard_queues']:.1f} + "
+             f"shard compute {p['shard_compute']:.1f}" if p["shard_queues"] is not None else
+             f"shard round trips {p['shard_round_trip']:.1f} ({s['shard_call']['count']} shard calls in "
+             f"{s['shard_round_trip']['count']} round trips)")
+    return (f"{p['total']:.1f} ms = ingress↔model transport {p['ingress_model_transport']:.1f} + model queues "
+            f"{p['model_queues']:.1f} + forward pass {p['capture']:.1f} + {shard}; the model computes {s['capture']['busy_share']:.0%} of the time, the shard "
+            f"{s['shard_compute']['busy_share']:.0%}, neither {s['neither_computes_share']:.0%}")
+
+
 def line(s: dict) -> str:
     """One line for the run's log."""
-    p = s["per_ingress_call_ms"]
-    return (f"  stages: an ingress call {p['total']:.1f} ms = capture {p['capture']:.1f} + shard compute "
-            f"{p['shard_compute']:.1f} + model<->shard hops {p['model_shard_hops']:.1f} + rest (ingress<->model hops, "
-            f"queues) {p['rest']:.1f}; model computes {s['capture']['busy_share']:.0%} of the time, a shard "
-            f"{s['shard_compute']['busy_share']:.0%}, neither {s['neither_computes_share']:.0%}")
+    return "  stages: an ingress call " + text(s)

@@ -130,6 +130,7 @@ class ModelDeployment:
         a whole batch goes out as one SAEShard call per replica, straight from here: activations never travel back
         through the ingress."""
         self._calls["features"] += 1
+        t0 = stage_trace.now()
 
         async def one(job: P.FeatureJob):
             try:
@@ -144,7 +145,9 @@ class ModelDeployment:
                 log.exception("feature job failed")  # a bug: this job's 500, not its call-mates'
                 return P.ItemError("Internal server error", 500)
 
-        return list(await asyncio.gather(*(one(j) for j in jobs)))
+        out = list(await asyncio.gather(*(one(j) for j in jobs)))
+        stage_trace.mark("model_call", t0, len(jobs))
+        return out
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (deployments.autoscaling): the prompts this replica holds, and its

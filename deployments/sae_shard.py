@@ -477,6 +477,7 @@ class SAEShard:
         """Items for the call's SAE (the multiplexed id: loaded here if missing) and for any other SAE this replica
         already holds, in one compute task; items for SAEs it does not hold come back as ``NotHere``."""
         self._calls["run"] += 1
+        t0 = stage_trace.now()
         # a model batch's call carries one item per (prompt, SAE): its prompts are its items over its SAEs
         key = id(batch)
         self._open_runs[key] = len(batch.items) / max(1, len({it.sae_id for it in batch.items}))
@@ -484,6 +485,7 @@ class SAEShard:
             return await self._run(batch)
         finally:
             del self._open_runs[key]
+            stage_trace.mark("shard_call", t0, len(batch.items))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (deployments.autoscaling): the prompts of the calls in flight, where

@@ -7,8 +7,11 @@ stage it runs to ``<dir>/<pid>.log``: the stage's name, its start and end (wall 
 processes of one machine) and its item count. Unset (the default), :func:`mark` is one global test and a return.
 
 Stages (each a span of one process): ``ingress_call`` (an ingress batch's ModelDeployment call, sent to answered),
-``capture`` (a forward pass on the model's compute thread), ``shard_round_trip`` (the model's SAEShard calls of
-one batch, sent to answered), ``shard_compute`` (one SAEShard call's encodes and rankings on its compute thread).
+``model_call`` (that call inside the model replica: ``features`` entered to returned), ``capture`` (a forward pass
+on the model's compute thread), ``shard_round_trip`` (the model's SAEShard calls of one batch, sent to answered),
+``shard_call`` (one of them inside the shard replica: ``run`` entered to returned), ``shard_compute`` (its encodes
+and rankings on the shard's compute thread). A call's span less the span of the same call inside its callee is
+the transport between them: serialisation, gRPC, Serve's request handling, waiting for a core.
 ``benchmarks.stages`` reads them back into per-cell figures.
 """
 

@@ -212,11 +212,12 @@ def test_stage_figures_equal_a_brute_force_count():
     from benchmarks import stages
 
     rng = random.Random(3)
-    for case in range(50):
+    seen = set()
+    for case in range(200):
         marks = {}
         for k in stages.STAGES:
             spans = []
-            for _ in range(rng.randint(1, 8)):
+            for _ in range(rng.randint(1, 3)):
                 a = rng.uniform(0, 1)
                 spans.append((a, a + rng.uniform(0.001, 0.3), rng.randint(1, 5)))
             marks[k] = sorted(spans)
@@ -239,8 +240,20 @@ def test_stage_figures_equal_a_brute_force_count():
         ms = lambda k: 1000 * sum(b - a for a, b, _ in inside[k]) / len(inside["ingress_call"])  # noqa: E731
         p = s["per_ingress_call_ms"]
         assert abs(p["total"] - ms("ingress_call")) < 0.02 and abs(p["capture"] - ms("capture")) < 0.02
-        assert abs(p["model_shard_hops"] - (ms("shard_round_trip") - ms("shard_compute"))) < 0.02
-        assert abs(p["total"] - p["capture"] - p["shard_compute"] - p["model_shard_hops"] - p["rest"]) < 0.05
+        assert abs(p["ingress_model_transport"] - (ms("ingress_call") - ms("model_call"))) < 0.02
+        one_each = len(inside["shard_call"]) == len(inside["shard_round_trip"])
+        seen.add(one_each)
+        if one_each:
+            assert abs(p["model_shard_transport"] - (ms("shard_round_trip") - ms("shard_call"))) < 0.02
+            assert abs(p["shard_queues"] - (ms("shard_call") - ms("shard_compute"))) < 0.02
+        else:
+            assert p["model_shard_transport"] is None and p["shard_queues"] is None
+        parts = ["ingress_model_transport", "model_queues", "capture", "shard_round_trip"]
+        assert abs(p["total"] - sum(p[k] for k in parts)) < 0.1  # the parts add up to the whole
+        if one_each:
+            assert abs(p["shard_round_trip"] - p["model_shard_transport"] - p["shard_queues"] - p["shard_compute"]) < 0.1
+        assert stages.text(s).startswith(f"{p['total']:.1f} ms = ")
+    assert seen == {True, False}  # both splits were exercised
 
 
 def test_stage_marks_are_off_unless_the_environment_names_a_directory(tmp_path):
