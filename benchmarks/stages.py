@@ -93,8 +93,9 @@ def text(s: dict) -> str:
              f"shard round trips {p['shard_round_trip']:.1f} ({s['shard_call']['count']} shard calls in "
              f"{s['shard_round_trip']['count']} round trips)")
     return (f"{p['total']:.1f} ms = ingress↔model transport {p['ingress_model_transport']:.1f} + model queues "
-            f"{p['model_queues']:.1f} + forward pass {p['capture']:.1f} + {shard}; the model computes {s['capture']['busy_share']:.0%} of the time, the shard "
-            f"{s['shard_compute']['busy_share']:.0%}, neither {s['neither_computes_share']:.0%}")
+            f"{p['model_queues']:.1f} + forward pass {p['capture']:.1f} + {shard}; the model computes "
+            f"{s['capture']['busy_share']:.0%} of the time, the shard {s['shard_compute']['busy_share']:.0%}, neither "
+            f"{s['neither_computes_share']:.0%}")
 
 
 def line(s: dict) -> str:

@@ -28,10 +28,6 @@ _file = None
 _lock = threading.Lock()  # the compute threads and the event loop both mark
 
 
-def on() -> bool:
-    return _dir is not None
-
-
 def now() -> float:
     """The clock of the marks (wall time: the processes' monotonic clocks are not comparable)."""
     return time.time()

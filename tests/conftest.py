@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -84,6 +85,7 @@ def ray_session():
 
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(STAGE_TRACE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import itertools
 
 import numpy as np
 import torch
@@ -238,6 +239,11 @@ def rank_many(feats: torch.Tensor, lengths: list[int], num_results: list[int],
     return [Ranking(batch, i).rows() for i in range(n)]
 
 
+def _starts(lengths: list[int]) -> list[int]:
+    """Where each of consecutive runs of ``lengths`` starts."""
+    return list(itertools.accumulate(lengths, initial=0))[:-1]
+
+
 class _RankedBatch:
     """rank_many's tensors for a batch of prompts, as Python lists (one ``tolist`` each for the whole batch)."""
 
@@ -246,10 +252,7 @@ class _RankedBatch:
     def __init__(self, order, max_values, max_index, rows, lengths, ks):
         self.ids, self.mv, self.mi = order.tolist(), max_values.tolist(), max_index.tolist()
         self.by_pos = rows.T.tolist()  # [k][rows]: each pick's values at every row of the batch
-        self.starts, at = [], 0
-        for ln in lengths:
-            self.starts.append(at)
-            at += ln
+        self.starts = _starts(lengths)
         self.lengths, self.ks = lengths, ks
 
 
@@ -291,10 +294,7 @@ def merge_rankings(sources: list[tuple[int, Ranking]], num_results: int) -> list
         return []
     scores = torch.tensor([v for _, r in sources for v in r.scores()], dtype=torch.float64)  # Python floats: exact
     picks = torch.sort(scores, descending=True, stable=True).indices.tolist()[:num_results]  # merge_pairs' slice
-    starts, at = [], 0
-    for _, r in sources:
-        starts.append(at)
-        at += len(r)
+    starts = _starts([len(r) for _, r in sources])
     out = []
     for p in picks:
         k = bisect.bisect_right(starts, p) - 1

@@ -22,14 +22,13 @@ def test_the_replicas_mark_each_stage_of_an_activation_all_request(http):
     marks = stage_trace.read(STAGE_TRACE_DIR)
     spans = {k: [s for s in marks.get(k, []) if start <= s[0] and s[1] <= end] for k in stages.STAGES}
     # one ingress call; inside it the model's call, and in that a forward pass then a shard round trip; inside the
-    # round trip the shard's call, and in that its compute (other tests may run requests meanwhile: look for one
-    # such chain, not for exactly one span of each stage)
+    # round trip the shard's call, and in that its compute; each call carrying its caller's items (other tests may
+    # run requests meanwhile: look for one such chain, not for exactly one span of each stage)
     chains = [(i, mc, c, rt, shc, sc) for i in spans["ingress_call"] for mc in spans["model_call"] for c in spans["capture"]
               for rt in spans["shard_round_trip"] for shc in spans["shard_call"] for sc in spans["shard_compute"]
-              if i[0] <= mc[0] <= c[0] <= c[1] <= rt[0] <= shc[0] <= sc[0] <= sc[1] <= shc[1] <= rt[1] <= mc[1] <= i[1]]
+              if i[0] <= mc[0] <= c[0] <= c[1] <= rt[0] <= shc[0] <= sc[0] <= sc[1] <= shc[1] <= rt[1] <= mc[1] <= i[1]
+              and c[2] >= 1 and mc[2] == i[2] and 1 <= sc[2] == shc[2] <= rt[2]]
     assert chains, spans
-    i, mc, c, rt, shc, sc = chains[0]
-    assert c[2] >= 1 and mc[2] == i[2] and 1 <= sc[2] == shc[2] <= rt[2]  # items: each call carries its caller's
     s = stages.summary(marks, start, end)
     p = s["per_ingress_call_ms"]
     assert p["total"] > 0 and p["capture"] > 0 and p["shard_compute"] > 0
