@@ -186,10 +186,14 @@ def capture_delta(before: dict | None, after: dict | None, requests: int = 0) ->
     if requests:
         cpu = {k: after["cpu"].get(k, 0.0) - before["cpu"].get(k, 0.0) for k in after.get("cpu", {})}
         d["cpu_ms_per_request"] = {k: round(1000 * v / requests, 2) for k, v in sorted(cpu.items())}
+        # Serve handle calls, and calls on direct lanes (deployments.direct), into ModelDeployment and SAEShard
         calls = lambda st: sum((st.get("calls") or {}).get(m, 0) for m in ("features", "capture")) + sum(  # noqa: E731
-            (st.get("shard_calls") or {}).values())
+            n for m, n in (st.get("shard_calls") or {}).items() if m != "direct_run")
+        direct = lambda st: (st.get("calls") or {}).get("features_direct", 0) + (  # noqa: E731
+            st.get("shard_calls") or {}).get("direct_run", 0)
         if "calls" in after:
             d["handle_calls_per_request"] = round((calls(after) - calls(before)) / requests, 3)
+            d["direct_calls_per_request"] = round((direct(after) - direct(before)) / requests, 3)
     if "batches" not in after or "batches" not in before:
         return d
     d.update({k: after[k] - before[k] for k in ("batches", "prompts", "tokens", "forward_s")})
@@ -255,7 +259,8 @@ async def run_service_cells(base: str, shape: Shape, workloads: list[Workload], 
                       + (f"  model: {m['prompts_per_batch']:.1f} prompts/batch, {m['forward_ms_per_prompt']:.0f} ms/prompt"
                          if m and m.get("prompts") else "")
                       + (f", {100 * m['burst_share']:.0f}% of tasks burst" if m and "burst_share" in m else "")
-                      + (f"  calls/req {m['handle_calls_per_request']}" if m and "handle_calls_per_request" in m else "")
+                      + (f"  calls/req {m['handle_calls_per_request']} handle, {m.get('direct_calls_per_request', 0)} direct"
+                         if m and "handle_calls_per_request" in m else "")
                       + (f"  CPU ms/req {m['cpu_ms_per_request']}" if m and m.get("cpu_ms_per_request") else "")
                       + (f"  first error: {r.first_error}" if r.first_error else ""), flush=True)
                 if m and m.get("stages"):
@@ -325,7 +330,7 @@ def _f(x, fmt):
 def markdown_table(result: dict) -> str:
     labels = {w.name: w.label for w in WORKLOADS.values()}
     lines = ["| workload | conc. | n | p50 ms | p95 ms | req/s | tok/s | × req/s | × tok/s | p50 − baseline ms | prompts / forward pass "
-             "| handle calls / req | CPU ms / req: proxy · ingress · model · shard · ray · client |",
+             "| calls / req: handle · direct | CPU ms / req: proxy · ingress · model · shard · ray · client |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def per_batch(s: dict) -> str:
@@ -334,7 +339,9 @@ def markdown_table(result: dict) -> str:
 
     def calls(s: dict) -> str:
         m = s.get("model") or {}
-        return f"{m['handle_calls_per_request']:.2f}" if m.get("handle_calls_per_request") is not None else "–"
+        if m.get("handle_calls_per_request") is None:
+            return "–"
+        return f"{m['handle_calls_per_request']:.2f} · {m.get('direct_calls_per_request', 0):.2f}"
 
     def cpu(s: dict) -> str:
         c = (s.get("model") or {}).get("cpu_ms_per_request") or {}

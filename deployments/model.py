@@ -3,7 +3,8 @@
 Feature jobs (``features``): concurrent jobs from every caller share one forward pass (engine.batching.Batcher, a
 batch forms when the model is free), and the SAE half of a whole batch leaves this replica as one SAEShard call per
 SAE, with the activations in it: the ingress makes one call per request, and activations never travel back
-through it. All torch work (loading, capture, each generation step) runs on the replica's one ComputeThread, so
+through it. Once Serve has routed one, both calls (the ingress's here, this replica's to a shard) go on direct lanes
+(deployments.direct). All torch work (loading, capture, each generation step) runs on the replica's one ComputeThread, so
 the event loop keeps answering health checks, describe() and the SAE fan-out while it computes, and CPU torch
 keeps one OpenMP team (see engine.compute).
 """
@@ -34,6 +35,7 @@ from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.lens import JacobianLens, LensEngine, LensRun
 from deployments.engine.loading import load_model, resolve_device
 from deployments.hooks import capture_hooks, dfa_hooks
+from deployments.direct import DIRECT_MAX_BYTES, DirectClient, DirectClosed, DirectServer, node_ip, replica_id
 from deployments.transport import Handle, payload_bytes, resent
 
 log = logging.getLogger("saeserve.model")
@@ -77,7 +79,8 @@ class ModelDeployment:
                  capture_batch_size: int = 16, capture_batch_wait_s: float = 0.0,
                  generate_rows: int = 64, generate_positions: int | None = None, generate_fixed_shapes: bool | None = None,
                  torch_threads: int | None = None, burst_torch_threads: int | None = None, sae_shard=None,
-                 jacobian_lens: str | None = None, shared_lanes: int = SHARED_LANES, grpc_max_bytes: int | None = None):
+                 jacobian_lens: str | None = None, shared_lanes: int = SHARED_LANES, grpc_max_bytes: int | None = None,
+                 direct_calls: bool = True):
         self.device = resolve_device(device)
         self.compute = ComputeThread("model-compute", torch_threads, burst_threads_for(self.device, burst_torch_threads),
                                      shared_lanes=shared_lanes)
@@ -113,6 +116,13 @@ class ModelDeployment:
         self._grpc_max_bytes = grpc_max_bytes
         self._shards: dict[str, Handle] = {}
         self._home: dict[str, str] = {}  # SAE id -> the SAEShard replica that last answered for it
+        # SAEShard replica -> its direct lane (deployments.direct), learnt from its replies: calls for SAEs it holds go
+        # there, below Serve's handles; the rest, and any call a lane drops, through Serve
+        self._direct_calls = direct_calls
+        self._directs: dict[str, DirectClient] = {}
+        # and the ingress's features() calls may come on this replica's own (found through direct_address())
+        self._direct = DirectServer(self._direct_call) if direct_calls else None
+        self.replica_id = replica_id()
         # Concurrent jobs share forward passes; a batch forms when the model is free (engine.batching).
         self._batcher = Batcher(self._run_batch, capture_batch_size, capture_batch_wait_s, self._observe_batch)
 
@@ -124,12 +134,13 @@ class ModelDeployment:
 
     # --- feature jobs: one forward pass per batch of prompts, then one SAEShard call per SAE per batch ---------
 
-    async def features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult | P.ItemError]:
+    async def features(self, jobs: list[P.FeatureJob], counted: bool = True) -> list[P.FeatureResult | P.ItemError]:
         """Each job's answer (see ``protocol.FeatureJob``), or its ItemError: one call may carry several requests'
         jobs, and one job's failure is its own. Jobs from concurrent calls share a forward pass, and the SAE work of
         a whole batch goes out as one SAEShard call per replica, straight from here: activations never travel back
         through the ingress."""
-        self._calls["features"] += 1
+        if counted:
+            self._calls["features"] += 1
         t0 = stage_trace.now()
 
         async def one(job: P.FeatureJob):
@@ -148,6 +159,24 @@ class ModelDeployment:
         out = list(await asyncio.gather(*(one(j) for j in jobs)))
         stage_trace.mark("model_call", t0, len(jobs))
         return out
+
+    async def direct_address(self):
+        """``(replica id, DirectAddress or None)``: where a caller may send this replica's features() calls directly
+        (deployments.direct; None: direct calls are off, or the socket could not open)."""
+        if self._direct is not None and self._direct.address is None:
+            try:
+                await self._direct.start(node_ip())
+            except OSError:
+                log.exception("cannot open a direct lane: features() calls keep coming through Serve")
+                self._direct = None
+        return self.replica_id, (self._direct.address if self._direct is not None else None)
+
+    async def _direct_call(self, payload):
+        method, jobs = payload
+        if method != "features" or not isinstance(jobs, list):
+            raise RequestError(f"Unknown direct call {method!r}")
+        self._calls["features_direct"] += 1
+        return await self.features(jobs, counted=False)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (deployments.autoscaling): the prompts this replica holds, and its
@@ -296,15 +325,18 @@ class ModelDeployment:
         return any(isinstance(t.op, P.RankOp) and t.op.sort_by_token_indexes for t in job.tasks)
 
     async def _send(self, groups: list[list[str]], by_sae: dict, per_item: list, merge: dict) -> list[str]:
-        """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere."""
+        """One call per group (routed by its first SAE); fills ``per_item``; returns the SAEs that came back NotHere.
+        A group whose SAEs' replica has a lane goes on it; one the lane drops goes again through Serve."""
         self._calls["shard_run"] += len(groups)
         per_group = [[e for sae_id in g for e in by_sae[sae_id]] for g in groups]
+        batches = [shard_batch(entries, merge) for entries in per_group]
+        lanes = [self._direct_for(g, b) for g, b in zip(groups, batches)]
         t0 = stage_trace.now()
-        answers = await asyncio.gather(*(self._call_shard(g[0], shard_batch(entries, merge))
-                                         for g, entries in zip(groups, per_group)), return_exceptions=True)
+        answers = await asyncio.gather(*(self._call_shard(g[0], b) if lane is None else self._on_direct(lane, g, b)
+                                         for g, b, lane in zip(groups, batches, lanes)), return_exceptions=True)
         stage_trace.mark("shard_round_trip", t0, sum(map(len, per_group)))
         retry: list[str] = []
-        for g, entries, answer in zip(groups, per_group, answers):
+        for g, entries, answer, lane in zip(groups, per_group, answers, lanes):
             if isinstance(answer, BaseException):
                 err = translate_remote_error(answer)
                 for sae_id in g:
@@ -321,11 +353,36 @@ class ModelDeployment:
             for sae_id in g:
                 if sae_id in moved:
                     self._home.pop(sae_id, None)
-                    if sae_id != g[0]:  # the lead is always served where it was routed
+                    if sae_id != g[0] or lane is not None:  # Serve serves a call's lead where it routed it; a lane does not
                         retry.append(sae_id)
                 else:
                     self._home[sae_id] = answer.replica
+            if self._direct_calls and answer.direct is not None and answer.replica not in self._directs:
+                self._directs[answer.replica] = DirectClient(answer.direct)
         return retry
+
+    def _direct_for(self, group: list[str], batch: P.ShardBatch) -> DirectClient | None:
+        """The lane of the replica that holds the group's SAEs, if it has one and the activations are small enough
+        for gRPC (``grpc_max_bytes``, else DIRECT_MAX_BYTES): larger ones go through Ray's object store, by Serve."""
+        replica = self._home.get(group[0])
+        lane = self._directs.get(replica) if replica is not None else None
+        if lane is None:
+            return None
+        if lane.closed:
+            del self._directs[replica]
+            return None
+        limit = self._grpc_max_bytes if self._grpc_max_bytes is not None else DIRECT_MAX_BYTES
+        if payload_bytes(a for it in batch.items for a in (it.acts, *(it.dfa_inputs or ()))) > limit:
+            return None
+        return lane
+
+    async def _on_direct(self, lane: DirectClient, group: list[str], batch: P.ShardBatch) -> P.ShardReply:
+        self._calls["shard_run_direct"] += 1
+        try:
+            return await lane.call(("run", batch))
+        except DirectClosed:  # the replica went away or the connection broke: Serve routes it again
+            self._calls["shard_run_direct_dropped"] += 1
+            return await self._call_shard(group[0], batch)
 
     def _observe_batch(self, waits_s: list[float]) -> None:
         self._metrics.batch_size.observe(len(waits_s))

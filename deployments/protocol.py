@@ -280,6 +280,7 @@ class NotHere:
 class ShardReply:
     results: list[Any]  # per item: its answer, an ItemError, or NotHere
     replica: str  # the replica that answered (the caller groups the SAEs it holds into one call next time)
+    direct: Any = None  # its deployments.direct.DirectAddress, where the caller may send its next calls directly
 
 
 @dataclass

@@ -38,6 +38,7 @@ from deployments.engine.errors import RequestError, is_out_of_memory
 from deployments.engine.loading import load_sae, parse_dtype, resolve_device, sae_nbytes
 from deployments.specs import SAESpec
 from deployments.engine.residency import Resident, evict_until
+from deployments.direct import DirectServer, node_ip, replica_id
 
 log = logging.getLogger("saeserve.sae_shard")
 
@@ -193,15 +194,6 @@ def _gpu_share() -> float | None:
         return None
 
 
-def _replica_id() -> str:
-    """This Serve replica's id (ModelDeployment routes an SAE back to the replica that answered for it), or "local"
-    outside a replica (the class run in process, as tests do)."""
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - Serve raises RayServeException outside a replica
-        return "local"
-
-
 def estimated_nbytes(spec: SAESpec, dtype: str) -> int:
     """``LoadedSAE.nbytes`` of this SAE before it is loaded (a standard SAE's parameters: W_enc, W_dec, b_enc,
     b_dec; other architectures differ by a few ``d_sae`` vectors), to make room for it first."""
@@ -222,7 +214,7 @@ class SAEShard:
     def __init__(self, specs: list[dict], device: str = "auto", dtype: str = "float32", max_loaded_saes: int = 64,
                  max_sae_bytes: int | None = None, encode_batch_size: int = 16,
                  torch_threads: int | None = None, burst_torch_threads: int | None = None,
-                 shared_lanes: int = SHARED_LANES):
+                 shared_lanes: int = SHARED_LANES, direct_calls: bool = True):
         self.specs = {s["id"]: SAESpec(**s) for s in specs}
         self.device = resolve_device(device)
         # every torch op of this replica runs here
@@ -254,7 +246,10 @@ class SAEShard:
         self._loader = load  # Serve keeps its cache (``__serve_multiplex_wrapper``) on the loader function
         self._get = serve.multiplexed(max_num_models_per_replica=-1)(load)
         self.encode_batch_size = encode_batch_size
-        self.replica_id = _replica_id()
+        self.replica_id = replica_id()
+        # run() calls from a model replica that already knows this replica holds their SAEs come on a direct lane
+        # (deployments.direct), started on the first run() call (in the replica's event loop)
+        self._direct = DirectServer(self._direct_call) if direct_calls else None
 
     # --- residency -----------------------------------------------------------------------------------
 
@@ -477,25 +472,49 @@ class SAEShard:
         """Items for the call's SAE (the multiplexed id: loaded here if missing) and for any other SAE this replica
         already holds, in one compute task; items for SAEs it does not hold come back as ``NotHere``."""
         self._calls["run"] += 1
+        return await self._counted(batch, routed=True)
+
+    async def _direct_call(self, payload) -> P.ShardReply:
+        """A run() that came on the direct lane: its SAEs are served only if this replica holds them (``NotHere``
+        otherwise: the caller sends those through Serve, which routes and loads)."""
+        method, batch = payload
+        if method != "run" or not isinstance(batch, P.ShardBatch):
+            raise RequestError(f"Unknown direct call {method!r}")
+        self._calls["direct_run"] += 1
+        return await self._counted(batch, routed=False)
+
+    async def _counted(self, batch: P.ShardBatch, routed: bool) -> P.ShardReply:
         t0 = stage_trace.now()
         # a model batch's call carries one item per (prompt, SAE): its prompts are its items over its SAEs
         key = id(batch)
         self._open_runs[key] = len(batch.items) / max(1, len({it.sae_id for it in batch.items}))
         try:
-            return await self._run(batch)
+            return await self._run(batch, routed)
         finally:
             del self._open_runs[key]
             stage_trace.mark("shard_call", t0, len(batch.items))
+
+    async def _direct_address(self):
+        if self._direct is None:
+            return None
+        if self._direct.address is None:
+            try:
+                await self._direct.start(node_ip())
+            except OSError:
+                log.exception("cannot open a direct lane: run() calls keep coming through Serve")
+                self._direct = None
+                return None
+        return self._direct.address
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (deployments.autoscaling): the prompts of the calls in flight, where
         Serve would count the one call per model batch that carries them."""
         return {LOAD_METRIC: float(sum(self._open_runs.values()))}
 
-    async def _run(self, batch: P.ShardBatch) -> P.ShardReply:
-        async with self._use() as lead:
+    async def _run(self, batch: P.ShardBatch, routed: bool = True) -> P.ShardReply:
+        async with (self._use() if routed else contextlib.nullcontext()) as lead:
             resident = self._resident()
-            saes = {lead.spec.id: lead}
+            saes = {lead.spec.id: lead} if lead is not None else {}
             with contextlib.ExitStack() as held:
                 for sae_id in dict.fromkeys(it.sae_id for it in batch.items):
                     m = resident.get(sae_id) if sae_id not in saes else None
@@ -509,7 +528,7 @@ class SAEShard:
                                                  light="encode" if len(batch.items) == 1 or batch.one_request else False,
                                                  # one request's few items split unevenly: it bursts instead
                                                  wide=not batch.one_request and self._worth_lanes(saes, batch.items))
-        return P.ShardReply(results, self.replica_id)
+        return P.ShardReply(results, self.replica_id, await self._direct_address())
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""

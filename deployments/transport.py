@@ -14,6 +14,9 @@ handed to the replicas, so they keep the driver's default (actor calls) unless a
 Streams (steering, lens) stay on actor calls, as do the handle calls of Ray jobs: a driver's synchronous
 ``.result()`` needs them.
 
+activation/all's two hot calls leave Serve's handles altogether once Serve has routed one (deployments.direct); what
+is here applies to the first of them, to any a direct lane drops, and to every other call.
+
 Nothing here imports Ray or torch.
 """
 

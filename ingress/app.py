@@ -246,7 +246,8 @@ def build_app(args: AppArgs) -> Application:
 
     shard = deployment(SAEShard).bind([x.to_dict() for x in specs], gpus.device, s.dtype, s.max_loaded, s.max_bytes,
                                       b.encode_batch_size, torch_threads=b.torch_threads,
-                                      burst_torch_threads=b.burst_torch_threads, shared_lanes=b.shared_lanes)
+                                      burst_torch_threads=b.burst_torch_threads, shared_lanes=b.shared_lanes,
+                                      direct_calls=b.direct_calls)
     model = deployment(ModelDeployment).bind(model_path, gpus.device, args.model.dtype, args.model.override,
                                              b.capture_batch_size, b.capture_batch_wait_s,
                                              generate_rows=b.generate_rows,
@@ -254,5 +255,6 @@ def build_app(args: AppArgs) -> Application:
                                              generate_fixed_shapes=b.generate_fixed_shapes, torch_threads=b.torch_threads,
                                              burst_torch_threads=b.burst_torch_threads, shared_lanes=b.shared_lanes,
                                              sae_shard=shard, grpc_max_bytes=b.grpc_max_bytes if b.grpc_calls else None,
+                                             direct_calls=b.direct_calls,
                                              jacobian_lens=resolve_jacobian_lens(model_path, args.model.jacobian_lens))
     return deployment(SAEServeIngress).bind(args.model_dump(), [x.to_dict() for x in specs], model, shard)

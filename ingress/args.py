@@ -114,6 +114,12 @@ class BatchingArgs(Section):
                              "instead of Ray actor calls: about half the CPU and the latency of a call for payloads up to a "
                              "megabyte (benchmarks.transport_bench). Streams (steering, lens) and the handle calls of Ray "
                              "jobs stay on Ray actor calls")
+    direct_calls: bool = Field(True, description="activation/all's calls (ingress to ModelDeployment, ModelDeployment to "
+                               "SAEShard) go straight to a replica Serve found earlier, over a kept-open socket of its own "
+                               "(deployments.direct), instead of through Serve's handles: a fraction of a handle call's CPU "
+                               "and latency (benchmarks/README.md). Serve still routes the first call, loads SAEs, counts "
+                               "the load for autoscaling and carries every call a direct lane drops. Off: every call "
+                               "through Serve")
     grpc_max_bytes: int = Field(2 << 20, ge=0, description="A ModelDeployment to SAEShard call whose activations are larger "
                                 "than this goes through Ray's object store instead of gRPC (from about 4 MB on, the object "
                                 "store costs less: benchmarks.transport_bench)")

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from deployments import protocol as P
 from deployments import stage_trace
 from deployments.engine import tokens as T
+from deployments.direct import DirectPool
 from deployments.engine.errors import RequestError, translate_remote_error
 from deployments.specs import SAESpec
 from deployments.transport import Handle
@@ -47,6 +48,8 @@ class Backend:
         # Tokenizing is CPU work proportional to the input: it runs here, never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingress-cpu")
         self._features = CallBatcher(self._send_features, max_in_flight=args.batching.model_calls_in_flight)
+        # features() calls straight to the model replicas Serve finds (deployments.direct), through Serve until then
+        self.model_direct = DirectPool(self._discover_model) if args.batching.direct_calls else None
 
     # --- readiness ---------------------------------------------------------------------------------------
 
@@ -110,7 +113,12 @@ class Backend:
         return results
 
     async def _send_features(self, jobs: list[P.FeatureJob]) -> list:
-        return await self.call(self.model.features.remote(jobs))
+        if self.model_direct is None:
+            return await self.call(self.model.features.remote(jobs))
+        return await self.call(self.model_direct.call(("features", jobs), lambda: self.model.features.remote(jobs)))
+
+    async def _discover_model(self):
+        return await self.model.direct_address.remote()
 
     async def off_loop(self, fn: Callable[..., R], *args) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)

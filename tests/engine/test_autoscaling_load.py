@@ -85,8 +85,8 @@ def shard(pack_dir):
 def test_the_shard_replica_reports_the_prompts_of_its_calls_in_flight(shard):
     seen, started, both = [], [], None
 
-    async def fake_run(batch):  # the real accounting around a stand-in for the SAE work, observed mid-call
-        started.append(batch)
+    async def fake_run(batch, routed):  # the real accounting around a stand-in for the SAE work, observed mid-call
+        started.append((batch, routed))
         if len(started) == 2:
             both.set()
         await both.wait()  # both calls in flight
@@ -103,10 +103,55 @@ def test_the_shard_replica_reports_the_prompts_of_its_calls_in_flight(shard):
             nonlocal both
             both = asyncio.Event()
             assert await shard.record_autoscaling_stats() == {LOAD_METRIC: 0.0}
-            await asyncio.gather(shard.run(two_saes), shard.run(one_sae))
+            # one call through Serve, one on a direct lane (deployments.direct): both count
+            await asyncio.gather(shard.run(two_saes), shard._direct_call(("run", one_sae)))
             return await shard.record_autoscaling_stats()
         after = asyncio.run(go())
     finally:
         del shard._run
     assert seen == [{LOAD_METRIC: 4.0}] * 2  # 6 items over 2 SAEs = 3 prompts, and 1
+    assert sorted(routed for _, routed in started) == [False, True]  # the direct call serves held SAEs only
     assert after == {LOAD_METRIC: 0.0}
+
+
+def test_direct_calls_on_the_real_replica_classes(pack_dir, shard):
+    """deployments.direct on the replica classes, over a real socket: ModelDeployment's features() on its lane
+    answers as the method does (a projection job: the model's own arithmetic); SAEShard's lane serves only the SAEs
+    its replica holds (none here: every item comes back NotHere for the caller to send through Serve); a method
+    that is not the lane's comes back as the caller's RequestError."""
+
+    with demo_model(pack_dir) as model:  # its own: a replica's batcher lives in one event loop, as in Serve
+        _direct_calls(model, shard)
+
+
+def _direct_calls(model, shard):
+    from deployments.direct import DirectClient
+    from deployments.engine.errors import RequestError
+
+    tok = model.runner.tokenizer
+    vec = [float(i % 7 - 3) for i in range(128)]
+    jobs = [P.FeatureJob(tok(t)["input_ids"], project=("blocks.1.hook_resid_post", vec)) for t in ("the cat sat", "one")]
+
+    async def go():
+        replica, address = await model.direct_address()
+        assert replica == "local" and address is not None and await model.direct_address() == (replica, address)
+        client = DirectClient(address)
+        direct = await client.call(("features", jobs))
+        served = await model.features(jobs)
+        with pytest.raises(RequestError, match="Unknown direct call"):
+            await client.call(("capture", jobs))
+        acts = np.zeros((3, 128), dtype=np.float32)
+        batch = P.ShardBatch([P.ShardItem(s, acts, P.RankOp(5)) for s in ("0-res-demo", "1-res-demo")])
+        reply = await shard._direct_call(("run", batch))
+        with pytest.raises(RequestError, match="Unknown direct call"):
+            await shard._direct_call(("vectors", batch))
+        client.close()
+        return direct, served, reply
+
+    direct, served, reply = asyncio.run(go())
+    assert model._calls["features_direct"] >= 1
+    for d, s in zip(direct, served):
+        assert d.projection.values == pytest.approx(s.projection.values, rel=1e-6, abs=1e-6)
+        assert d.projection.max_value == pytest.approx(s.projection.max_value, rel=1e-6, abs=1e-6)
+    assert [type(r).__name__ for r in reply.results] == ["NotHere", "NotHere"]
+    assert reply.replica == "local" and reply.direct is not None

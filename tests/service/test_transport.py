@@ -99,3 +99,46 @@ def test_the_transport_bench_measures_both_transports(ray_session):
         (b, f, t) for b in (1000, 64000) for f in (1, 16) for t in ("ray", "grpc")}
     for c in cells:
         assert c["calls"] == 4 and c["p50_ms"] > 0 and c["calls_per_s"] > 0 and c["caller_cpu_ms"] >= 0, c
+
+
+def _shard_calls(app: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("SAEShard", app_name=app).metrics.remote().result(timeout_s=60)["calls"]
+
+
+def test_the_main_app_goes_direct_once_serve_has_found_the_replicas(http, main_answer):
+    """After the first calls (through Serve, which routes and loads), activation/all's calls go on direct lanes
+    (deployments.direct): ingress to model and model to shard. Same answer as the first request's."""
+    import time
+
+    before_model, before_shard = _model_stats("saeserve")["calls"], _shard_calls("saeserve")
+    deadline = time.monotonic() + 60
+    while True:
+        r = http.post("/v1/activation/all", json=BODY)
+        assert r.status_code == 200, r.text
+        assert_same_answer(r.json(), main_answer)
+        model, shard = _model_stats("saeserve")["calls"], _shard_calls("saeserve")
+        if (model.get("features_direct", 0) > before_model.get("features_direct", 0)
+                and shard.get("direct_run", 0) > before_shard.get("direct_run", 0)):
+            break
+        assert time.monotonic() < deadline, (model, shard)
+        time.sleep(0.2)  # the ingress looks for model replicas at most once a second
+    assert model.get("shard_run_direct", 0) > before_model.get("shard_run_direct", 0), model
+
+
+def test_with_direct_calls_off_every_call_goes_through_serve(serve_app, pack_dir, main_answer):
+    from ray import serve
+
+    _served(pack_dir, "nodirect", direct_calls=False)
+    try:
+        for _ in range(4):
+            r = httpx.post(f"{serve_app}/nodirect/v1/activation/all", json=BODY, timeout=120)
+            assert r.status_code == 200, r.text
+            assert_same_answer(r.json(), main_answer)
+        model, shard = _model_stats("nodirect")["calls"], _shard_calls("nodirect")
+        assert model["features"] == 4 and "features_direct" not in model and "shard_run_direct" not in model, model
+        # the first request's SAEs were not placed yet: a call each; then one call a request
+        assert shard["run"] == model["shard_run"] >= 4 and "direct_run" not in shard, (model, shard)
+    finally:
+        serve.delete("nodirect")
