@@ -161,6 +161,15 @@ class CallBatcher:
             asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[list, asyncio.Future]]) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._in_flight -= 1
+                self._dispatch()
+
         try:
             flat = [x for items, _ in batch for x in items]
             self.stats["calls"] += 1
@@ -176,11 +185,13 @@ class CallBatcher:
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 return
+            # The next call first: its task runs before the wake-ups of this call's callers (each builds and sends
+            # its reply), not after them.
+            release()
             k = 0
             for items, fut in batch:
                 if not fut.done():
                     fut.set_result(results[k:k + len(items)])
                 k += len(items)
         finally:
-            self._in_flight -= 1
-            self._dispatch()
+            release()

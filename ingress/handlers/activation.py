@@ -56,6 +56,8 @@ class ActivationHandler(Handler):
         await self.backend.ensure_ready()
         limit = self.prompt_limit(len(prompts))
         try:
+            if len(prompts) == 1:  # awaited in place: gather would add a task and two turns of a busy event loop
+                return [await self.tokens(prompts[0], feature=feature, limit=limit)]
             return list(await asyncio.gather(*(self.tokens(p, feature=feature, limit=limit) for p in prompts)))
         except RequestError as e:
             if len(prompts) > 1 and limit is not None and e.message.startswith("Text too long"):
