@@ -39,6 +39,27 @@ DIRECT_MAX_BYTES = 2 << 20
 MAX_FRAME = 1 << 30
 
 
+# How long a caller waits for a lane's connection to open (a replica on another node behind a firewall that drops
+# packets would otherwise hold the calls for the system's TCP connect timeout, minutes), and how long an address
+# that could not be reached is not tried again (its calls go through Serve meanwhile).
+CONNECT_TIMEOUT_S = 2.0
+UNREACHABLE_FOR_S = 60.0
+_unreachable: dict[tuple[str, int], float] = {}
+
+
+def reachable(address: "DirectAddress") -> bool:
+    """False for an address whose connection failed to open in the last UNREACHABLE_FOR_S seconds."""
+    import time
+
+    since = _unreachable.get((address.host, address.port))
+    if since is None:
+        return True
+    if time.monotonic() - since > UNREACHABLE_FOR_S:
+        _unreachable.pop((address.host, address.port), None)
+        return True
+    return False
+
+
 class DirectClosed(ConnectionError):
     """The lane broke before the call's answer came: the call may not have run, or may have; send it again."""
 
@@ -143,7 +164,16 @@ class DirectClient:
         self._retiring = False
 
     async def _open(self) -> None:
-        reader, writer = await asyncio.open_connection(self.address.host, self.address.port)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.address.host, self.address.port),
+                                                    CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            import time
+
+            _unreachable[(self.address.host, self.address.port)] = time.monotonic()
+            log.warning("cannot open a direct lane to %s:%d within %.0f s: its calls go through Serve",
+                        self.address.host, self.address.port, CONNECT_TIMEOUT_S)
+            raise
         writer.write(self.address.token)
         self._writer = writer
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
@@ -283,6 +313,8 @@ class DirectPool:
             replica, address = await self.discover()
             self.stats["discoveries"] += 1
             if address is None:
+                return
+            if not reachable(address):
                 return
             known = self.clients.get(replica)
             if known is None or known.closed or known.address != address:

@@ -35,7 +35,7 @@ from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.lens import JacobianLens, LensEngine, LensRun
 from deployments.engine.loading import load_model, resolve_device
 from deployments.hooks import capture_hooks, dfa_hooks
-from deployments.direct import DIRECT_MAX_BYTES, DirectClient, DirectClosed, DirectServer, node_ip, replica_id
+from deployments.direct import DIRECT_MAX_BYTES, DirectClient, DirectClosed, DirectServer, node_ip, reachable, replica_id
 from deployments.transport import Handle, payload_bytes, resent
 
 log = logging.getLogger("saeserve.model")
@@ -357,7 +357,8 @@ class ModelDeployment:
                         retry.append(sae_id)
                 else:
                     self._home[sae_id] = answer.replica
-            if self._direct_calls and answer.direct is not None and answer.replica not in self._directs:
+            if (self._direct_calls and answer.direct is not None and answer.replica not in self._directs
+                    and reachable(answer.direct)):
                 self._directs[answer.replica] = DirectClient(answer.direct)
         return retry
 

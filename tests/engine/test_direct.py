@@ -119,16 +119,55 @@ def test_a_lane_that_breaks_fails_only_its_own_calls_with_direct_closed():
     run(main())
 
 
-def test_a_lane_to_nowhere_is_direct_closed():
+def test_a_lane_to_nowhere_is_direct_closed_and_not_tried_again_for_a_while(monkeypatch):
+    from deployments import direct
+
     async def main():
         with socket.socket() as s:  # a port nobody listens on
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        client = DirectClient(DirectAddress("127.0.0.1", port, b"t" * TOKEN_BYTES))
+        nowhere = DirectAddress("127.0.0.1", port, b"t" * TOKEN_BYTES)
         with pytest.raises(DirectClosed, match="cannot open"):
-            await client.call(("echo", 1))
+            await DirectClient(nowhere).call(("echo", 1))
+        assert not direct.reachable(nowhere)
+
+        async def discover():
+            return "r1", nowhere
+
+        async def fallback():
+            return "serve"
+
+        clock = FakeClock()
+        pool = DirectPool(discover, every_s=1.0, clock=clock)
+        for k in range(3):  # Serve keeps finding it; the pool does not take it up while it is unreachable
+            clock.t = 2.0 * k
+            assert await pool.call(1, fallback) == "serve"
+            await asyncio.sleep(0.01)
+        assert pool.clients == {} and pool.stats["discoveries"] == 3
+        monkeypatch.setattr(direct, "UNREACHABLE_FOR_S", 0.0)
+        assert direct.reachable(nowhere)
 
     run(main())
+
+
+def test_a_connection_that_does_not_open_in_time_is_given_up(monkeypatch):
+    """A replica behind a firewall that drops packets: the lane gives up after CONNECT_TIMEOUT_S, not the
+    system's TCP timeout (here a connect that never completes)."""
+    from deployments import direct
+
+    async def never(*args, **kwargs):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(direct, "CONNECT_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(direct.asyncio, "open_connection", never)
+    address = DirectAddress("192.0.2.1", 9, b"t" * TOKEN_BYTES)
+
+    async def main():
+        with pytest.raises(DirectClosed, match="cannot open"):
+            await DirectClient(address).call(("echo", 1))
+
+    run(main())
+    assert not direct.reachable(address)
 
 
 class FakeClock:
