@@ -43,6 +43,7 @@ MAX_FRAME = 1 << 30
 # packets would otherwise hold the calls for the system's TCP connect timeout, minutes), and how long an address
 # that could not be reached is not tried again (its calls go through Serve meanwhile).
 CONNECT_TIMEOUT_S = 2.0
+TOKEN_WAIT_S = 10.0  # how long a lane waits for a new connection's token
 UNREACHABLE_FOR_S = 60.0
 _unreachable: dict[tuple[str, int], float] = {}
 
@@ -116,7 +117,8 @@ class DirectServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            token = await reader.readexactly(TOKEN_BYTES)
+            # a connection that does not say its token soon (a port scanner, a stuck peer) is not kept open
+            token = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), TOKEN_WAIT_S)
             if not hmac.compare_digest(token, self.token):
                 self.stats["refused"] += 1
                 return
@@ -129,7 +131,7 @@ class DirectServer:
                 t = asyncio.get_running_loop().create_task(self._call(writer, call_id, body))
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()

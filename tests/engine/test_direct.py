@@ -99,6 +99,22 @@ def test_wrong_token_is_refused_before_anything_is_unpickled():
     run(main())
 
 
+def test_a_connection_that_never_says_its_token_is_closed(monkeypatch):
+    from deployments import direct
+
+    monkeypatch.setattr(direct, "TOKEN_WAIT_S", 0.2)
+
+    async def main():
+        server, address = await _echo_server()
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed on us, having said nothing
+        writer.close()
+        assert server.stats["connections"] == 0 and server.stats["calls"] == 0
+        server.close()
+
+    run(main())
+
+
 def test_a_lane_that_breaks_fails_only_its_own_calls_with_direct_closed():
     async def main():
         server, address = await _echo_server()
