@@ -24,6 +24,7 @@ import logging
 import pickle
 import secrets
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -50,8 +51,6 @@ _unreachable: dict[tuple[str, int], float] = {}
 
 def reachable(address: "DirectAddress") -> bool:
     """False for an address whose connection failed to open in the last UNREACHABLE_FOR_S seconds."""
-    import time
-
     since = _unreachable.get((address.host, address.port))
     if since is None:
         return True
@@ -102,6 +101,7 @@ class DirectServer:
         self.address: DirectAddress | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._failed = False
         self.stats = {"connections": 0, "refused": 0, "calls": 0}
 
     async def start(self, host: str = "127.0.0.1") -> DirectAddress:
@@ -109,6 +109,17 @@ class DirectServer:
             self._server = await asyncio.start_server(self._connection, host, 0)
             port = self._server.sockets[0].getsockname()[1]
             self.address = DirectAddress(host, port, self.token)
+        return self.address
+
+    async def listen(self) -> DirectAddress | None:
+        """Start on this node's address on the first call (in the replica's event loop, where its calls must run);
+        the address, or None for good if the socket could not open (calls keep coming through Serve)."""
+        if self.address is None and not self._failed:
+            try:
+                await self.start(node_ip())
+            except OSError:
+                log.exception("cannot open a direct lane: calls keep coming through Serve")
+                self._failed = True
         return self.address
 
     def close(self) -> None:
@@ -170,8 +181,6 @@ class DirectClient:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.address.host, self.address.port),
                                                     CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError):
-            import time
-
             _unreachable[(self.address.host, self.address.port)] = time.monotonic()
             log.warning("cannot open a direct lane to %s:%d within %.0f s: its calls go through Serve",
                         self.address.host, self.address.port, CONNECT_TIMEOUT_S)
@@ -257,8 +266,6 @@ class DirectPool:
 
     def __init__(self, discover: Callable[[], Awaitable[tuple[str, DirectAddress | None]]], every_s: float = 1.0,
                  forget_s: float = 30.0, clock: Callable[[], float] | None = None):
-        import time
-
         self.discover = discover
         self.every_s, self.forget_s = every_s, forget_s
         self.clock = clock or time.monotonic
@@ -314,9 +321,7 @@ class DirectPool:
         try:
             replica, address = await self.discover()
             self.stats["discoveries"] += 1
-            if address is None:
-                return
-            if not reachable(address):
+            if address is None or not reachable(address):
                 return
             known = self.clients.get(replica)
             if known is None or known.closed or known.address != address:

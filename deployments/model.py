@@ -35,7 +35,7 @@ from deployments.engine.generate import GenerationRequest, GenerationScheduler
 from deployments.engine.lens import JacobianLens, LensEngine, LensRun
 from deployments.engine.loading import load_model, resolve_device
 from deployments.hooks import capture_hooks, dfa_hooks
-from deployments.direct import DIRECT_MAX_BYTES, DirectClient, DirectClosed, DirectServer, node_ip, reachable, replica_id
+from deployments.direct import DIRECT_MAX_BYTES, DirectClient, DirectClosed, DirectServer, reachable, replica_id
 from deployments.transport import Handle, payload_bytes, resent
 
 log = logging.getLogger("saeserve.model")
@@ -134,13 +134,15 @@ class ModelDeployment:
 
     # --- feature jobs: one forward pass per batch of prompts, then one SAEShard call per SAE per batch ---------
 
-    async def features(self, jobs: list[P.FeatureJob], counted: bool = True) -> list[P.FeatureResult | P.ItemError]:
+    async def features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult | P.ItemError]:
         """Each job's answer (see ``protocol.FeatureJob``), or its ItemError: one call may carry several requests'
         jobs, and one job's failure is its own. Jobs from concurrent calls share a forward pass, and the SAE work of
         a whole batch goes out as one SAEShard call per replica, straight from here: activations never travel back
         through the ingress."""
-        if counted:
-            self._calls["features"] += 1
+        self._calls["features"] += 1
+        return await self._features(jobs)
+
+    async def _features(self, jobs: list[P.FeatureJob]) -> list[P.FeatureResult | P.ItemError]:
         t0 = stage_trace.now()
 
         async def one(job: P.FeatureJob):
@@ -163,20 +165,14 @@ class ModelDeployment:
     async def direct_address(self):
         """``(replica id, DirectAddress or None)``: where a caller may send this replica's features() calls directly
         (deployments.direct; None: direct calls are off, or the socket could not open)."""
-        if self._direct is not None and self._direct.address is None:
-            try:
-                await self._direct.start(node_ip())
-            except OSError:
-                log.exception("cannot open a direct lane: features() calls keep coming through Serve")
-                self._direct = None
-        return self.replica_id, (self._direct.address if self._direct is not None else None)
+        return self.replica_id, (await self._direct.listen() if self._direct is not None else None)
 
     async def _direct_call(self, payload):
         method, jobs = payload
         if method != "features" or not isinstance(jobs, list):
             raise RequestError(f"Unknown direct call {method!r}")
         self._calls["features_direct"] += 1
-        return await self.features(jobs, counted=False)
+        return await self._features(jobs)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (deployments.autoscaling): the prompts this replica holds, and its

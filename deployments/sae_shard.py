@@ -38,7 +38,7 @@ from deployments.engine.errors import RequestError, is_out_of_memory
 from deployments.engine.loading import load_sae, parse_dtype, resolve_device, sae_nbytes
 from deployments.specs import SAESpec
 from deployments.engine.residency import Resident, evict_until
-from deployments.direct import DirectServer, node_ip, replica_id
+from deployments.direct import DirectServer, replica_id
 
 log = logging.getLogger("saeserve.sae_shard")
 
@@ -494,18 +494,6 @@ class SAEShard:
             del self._open_runs[key]
             stage_trace.mark("shard_call", t0, len(batch.items))
 
-    async def _direct_address(self):
-        if self._direct is None:
-            return None
-        if self._direct.address is None:
-            try:
-                await self._direct.start(node_ip())
-            except OSError:
-                log.exception("cannot open a direct lane: run() calls keep coming through Serve")
-                self._direct = None
-                return None
-        return self._direct.address
-
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (deployments.autoscaling): the prompts of the calls in flight, where
         Serve would count the one call per model batch that carries them."""
@@ -528,7 +516,7 @@ class SAEShard:
                                                  light="encode" if len(batch.items) == 1 or batch.one_request else False,
                                                  # one request's few items split unevenly: it bursts instead
                                                  wide=not batch.one_request and self._worth_lanes(saes, batch.items))
-        return P.ShardReply(results, self.replica_id, await self._direct_address())
+        return P.ShardReply(results, self.replica_id, await self._direct.listen() if self._direct is not None else None)
 
     async def vectors(self, req: P.VectorsRequest) -> np.ndarray:
         """Decoder rows ``W_dec[indices]`` (steering vectors, cosine queries), float32 ``[len, d_in]``."""

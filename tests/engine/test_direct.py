@@ -324,3 +324,24 @@ def test_a_lane_listens_where_other_nodes_reach_it():
         server.close()
 
     run(main())
+
+
+def test_listen_starts_once_and_a_socket_that_cannot_open_stays_off(monkeypatch):
+    async def main():
+        server = DirectServer(lambda p: asyncio.sleep(0, result=p))
+        first = await server.listen()
+        assert first is not None and await server.listen() is first
+        server.close()
+
+        broken = DirectServer(lambda p: asyncio.sleep(0, result=p))
+        tries = []
+
+        async def refuse(host="127.0.0.1"):
+            tries.append(host)
+            raise OSError("address in use")
+
+        monkeypatch.setattr(broken, "start", refuse)
+        assert await broken.listen() is None and await broken.listen() is None
+        assert len(tries) == 1  # not tried again on every call
+
+    run(main())

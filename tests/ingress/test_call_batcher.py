@@ -80,3 +80,35 @@ def test_a_caller_that_went_away_is_left_out():
         return sent
 
     assert asyncio.run(main()) == [[1], [3]]
+
+
+def test_the_next_call_goes_out_before_the_finished_calls_callers_resume():
+    """When a call returns, the requests that queued meanwhile are sent before that call's callers wake up to
+    build their replies (benchmarks/README.md: the dispatch order is worth ~8% of demo throughput at 16 clients)."""
+    async def main():
+        events: list[str] = []
+        release = asyncio.Event()
+
+        async def send(items):
+            events.append(f"send {items}")
+            if items == [1]:
+                await release.wait()
+            return items
+
+        b = CallBatcher(send, max_in_flight=1)
+
+        async def caller(x):
+            r = await b.submit([x])
+            events.append(f"resumed {x}")
+            return r
+
+        first = asyncio.ensure_future(caller(1))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(caller(2))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, second)
+        return events
+
+    events = asyncio.run(main())
+    assert events.index("send [2]") < events.index("resumed 1"), events
