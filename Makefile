@@ -22,11 +22,12 @@ PROXY_READY_ENV := RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=$${RAY_SERVE_PROXY_READ
 
 # Serve the bundled demo pack on http://127.0.0.1:8000 (no network needed). SECRET=... turns auth on.
 # RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress (HTTP straight to the ingress replicas; benchmarks/README.md).
+# RAY_SERVE_HAPROXY_METRICS_ENABLED=0: the ingress replicas record Serve's HTTP metrics, not HAProxy's log (ingress/haproxy_env.py).
 # The venv's bin first on PATH: the Ray that `serve run` starts passes it on, so a `ray job submit -- python ...`
 # runs the venv's python (tests/readme/test_readme_commands.py runs the README's job that way).
 SERVE_CONFIG ?= serve_config.yaml
 serve: venv
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 $(HEADER_TIMEOUT_ENV) $(PROXY_READY_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run $(SERVE_CONFIG)
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_METRICS_ENABLED=$${RAY_SERVE_HAPROXY_METRICS_ENABLED:-0} $(HEADER_TIMEOUT_ENV) $(PROXY_READY_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/serve run $(SERVE_CONFIG)
 
 test: venv chromium
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests

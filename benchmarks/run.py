@@ -426,6 +426,7 @@ def main(argv=None) -> dict:
     from ingress import haproxy_env
 
     haproxy_env.isolate()  # apart from any other Ray with HAProxy on this machine (a test run, make serve)
+    haproxy_env.defaults()  # the service's HAProxy settings, unless --serve-env names them
 
     shape = SHAPES[a.shape]
     dtype = a.dtype or shape.dtype

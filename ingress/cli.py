@@ -259,6 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import haproxy_env
 
             haproxy_env.isolate()  # its own files and side ports: another Ray's HAProxy on this machine stays apart
+            haproxy_env.defaults()  # HTTP metrics from the ingress replicas, not parsed from HAProxy's log
         from .header_timeout import ray_env
 
         os.environ.update(ray_env(ns.http_proxy == "haproxy"))  # slow request headers get a 408

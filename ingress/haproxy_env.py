@@ -47,6 +47,25 @@ CALLER_PORTS = BLOCK - REPLICA_PORTS - len(SIDE_PORTS)
 ALL_VARS = (BASE_VAR, *FILE_VARS, *SIDE_PORTS, *RANGE_VARS)
 
 
+# Serve's HAProxy writes a log line per request to a socket that its manager actor reads and parses in Python, to
+# record Serve's HTTP metrics (serve_num_http_requests, serve_http_request_latency_ms, ...). With this off the
+# ingress replicas record the same metrics themselves, aggregated before export (Serve's replica.py: it emits them
+# when HAProxy does not), so nothing a dashboard shows goes missing but the requests HAProxy answers alone (no
+# replica up, or its own timeouts). The parsing cost ~0.1 ms of CPU a request (benchmarks/README.md,
+# "HAProxy's metrics"): 3% of the demo pack's whole request. ``defaults`` sets it where the caller has not.
+METRICS_VAR = "RAY_SERVE_HAPROXY_METRICS_ENABLED"
+DEFAULTS = {METRICS_VAR: "0"}
+
+
+def defaults(env: "os._Environ | dict | None" = None) -> dict[str, str]:
+    """The service's HAProxy settings (``DEFAULTS``), each where ``env`` (default ``os.environ``) does not set it
+    already; returns what it set. Before Ray Serve is imported: it reads them then, as the Ray started here does."""
+    env = os.environ if env is None else env
+    added = {k: v for k, v in DEFAULTS.items() if k not in env}
+    env.update(added)
+    return added
+
+
 def port_free(port: int) -> bool:
     """No process listens on ``port``. SO_REUSEADDR, as the servers that bind these ports set it: a port whose
     connections closed in the last minute (TIME_WAIT) is free for them, and so for this check."""

@@ -197,6 +197,7 @@ def start_app(http_proxy: str) -> tuple[str, str]:
         from ingress import haproxy_env
 
         haproxy_env.isolate()  # its own HAProxy files and side ports: another Ray's HAProxy here stays apart
+        haproxy_env.defaults()
     from ingress.header_timeout import ray_env
 
     os.environ.update(ray_env(http_proxy == "haproxy"))

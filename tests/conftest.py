@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ingress import haproxy_env  # noqa: E402
 
 haproxy_env.isolate(force=True)
+haproxy_env.defaults()  # as the service runs (make serve, the CLI, the manifests)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `tests.reference`, `scripts.*`

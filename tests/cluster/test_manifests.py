@@ -31,6 +31,7 @@ import jsonschema
 import pytest
 import yaml
 
+from ingress import haproxy_env
 from ingress.args import REPLICA_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -798,6 +799,9 @@ def serving_mode_errors(doc: dict) -> list[str]:
         env = {e["name"]: e.get("value") for e in c.get("env") or []}
         if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             errors.append(f"{name}: no RAY_SERVE_ENABLE_HA_PROXY=1")
+        for var, value in haproxy_env.DEFAULTS.items():
+            if env.get(var) != value:
+                errors.append(f"{name}: {var} is {env.get(var)!r}, not {value} (ingress.haproxy_env.DEFAULTS)")
         if "RAY_SERVE_THROUGHPUT_OPTIMIZED" in env:
             errors.append(f"{name}: RAY_SERVE_THROUGHPUT_OPTIMIZED on the pod (drivers there would lose .result())")
     for app in _serve_config_v2(doc).get("applications", []):

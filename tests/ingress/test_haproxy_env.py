@@ -87,3 +87,12 @@ def test_a_listened_block_is_skipped():
         again = {}
         haproxy_env.isolate(again)
         assert haproxy_env.block_of(again) != haproxy_env.block_of(env)
+
+
+def test_defaults_fill_only_what_the_caller_left_unset():
+    env = {}
+    assert haproxy_env.defaults(env) == {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+    assert env == haproxy_env.DEFAULTS
+    mine = {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}  # a user who wants HAProxy's own metrics keeps them
+    assert haproxy_env.defaults(mine) == {} and mine == {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}
+
