@@ -92,8 +92,12 @@ def text(s: dict) -> str:
              f"shard compute {p['shard_compute']:.1f}" if p["shard_queues"] is not None else
              f"shard round trips {p['shard_round_trip']:.1f} ({s['shard_call']['count']} shard calls in "
              f"{s['shard_round_trip']['count']} round trips)")
-    return (f"{p['total']:.1f} ms = ingress↔model transport {p['ingress_model_transport']:.1f} + model queues "
-            f"{p['model_queues']:.1f} + forward pass {p['capture']:.1f} + {shard}; the model computes "
+    # negative where a call's forward passes and shard round trips ran side by side (a call split into several
+    # batches): the spans' sums then exceed the call, and "queues" is the overlap, not a wait
+    q = p["model_queues"]
+    queues = f"model queues {q:.1f}" if q >= 0 else f"model queues −{-q:.1f} (its passes and round trips overlapped)"
+    return (f"{p['total']:.1f} ms = ingress↔model transport {p['ingress_model_transport']:.1f} + {queues} "
+            f"+ forward pass {p['capture']:.1f} + {shard}; the model computes "
             f"{s['capture']['busy_share']:.0%} of the time, the shard {s['shard_compute']['busy_share']:.0%}, neither "
             f"{s['neither_computes_share']:.0%}")
 
