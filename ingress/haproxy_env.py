@@ -52,7 +52,7 @@ ALL_VARS = (BASE_VAR, *FILE_VARS, *SIDE_PORTS, *RANGE_VARS)
 # ingress replicas record the same metrics themselves, aggregated before export (Serve's replica.py: it emits them
 # when HAProxy does not), so nothing a dashboard shows goes missing but the requests HAProxy answers alone (no
 # replica up, or its own timeouts). The parsing cost ~0.1 ms of CPU a request (benchmarks/README.md,
-# "HAProxy's metrics"): 3% of the demo pack's whole request. ``defaults`` sets it where the caller has not.
+# "How to read these runs", stop 33): 3% of the demo pack's whole request. ``defaults`` sets it where the caller has not.
 METRICS_VAR = "RAY_SERVE_HAPROXY_METRICS_ENABLED"
 DEFAULTS = {METRICS_VAR: "0"}
 
