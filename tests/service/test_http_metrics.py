@@ -4,6 +4,7 @@ text on the node's metrics export port) — what a dashboard of the service read
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -28,8 +29,6 @@ def _posts_counted(nodes: list[tuple[str, int]]) -> float:
 
 
 def test_http_requests_are_counted_by_the_ingress_replicas(http):
-    import os
-
     import ray
 
     assert os.environ[haproxy_env.METRICS_VAR] == "0"  # the setting under test, as make serve and the manifests have it
